@@ -38,6 +38,7 @@ class Record:
     seconds: float | None = None
     duplicate_of: str | None = None
     reason: str | None = None
+    retryable: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

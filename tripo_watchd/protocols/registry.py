@@ -1,0 +1,28 @@
+"""Which upload protocol `api.protocol` names, built for one worker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tripo_watchd.errors import ConfigError
+from tripo_watchd.protocols import UploadProtocol
+from tripo_watchd.secrets import Secret
+from tripo_watchd.settings import Settings
+
+
+def make_protocol(
+    settings: Settings,
+    api_key: Callable[[], Secret],
+    on_secret: Callable[[str], None] = lambda value: None,
+) -> UploadProtocol:
+    """A fresh protocol instance (its own connections) for one worker."""
+    name = settings.api.protocol
+    if name == "v2-sts":
+        from tripo_watchd.protocols.v2_sts import V2Sts
+
+        return V2Sts(settings, api_key, on_secret)
+    if name == "v3":
+        from tripo_watchd.protocols.v3 import V3Presign
+
+        return V3Presign(settings, api_key, on_secret)
+    raise ConfigError(f"api.protocol = {name!r} is not known; use \"v2-sts\" or \"v3\"")

@@ -1,0 +1,203 @@
+"""Bytes to S3 with boto3: clients kept per worker, each request signed with the file's credentials."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.session
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.credentials import CredentialProvider, CredentialResolver, Credentials
+from botocore.exceptions import BotoCoreError, ClientError
+from s3transfer.manager import TransferManager
+
+from tripo_watchd.errors import (
+    CredentialsExpired,
+    NetworkError,
+    StorageAccessDenied,
+    StorageUnavailable,
+    TransferError,
+)
+from tripo_watchd.protocols import Body
+from tripo_watchd.secrets import Secret
+from tripo_watchd.settings import S3Settings
+
+_AWS_ACCELERATE_HOSTS = {"s3-accelerate.amazonaws.com", "s3-accelerate.dualstack.amazonaws.com"}
+_REGION_IN_HOST = re.compile(r"^s3[.-](?:dualstack\.)?([a-z]{2}(?:-gov)?-[a-z]+-\d)\.amazonaws\.com")
+_EXPIRED_CODES = {"ExpiredToken", "InvalidAccessKeyId", "InvalidToken", "TokenRefreshRequired"}
+_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "NoSuchBucket", "InvalidBucketName"}
+
+
+@dataclass(frozen=True)
+class StsCredentials:
+    """Temporary credentials for one file; every field hidden from repr."""
+
+    access_key: Secret
+    secret_key: Secret
+    session_token: Secret
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which S3 endpoint and signing region one transfer goes through."""
+
+    endpoint_url: str | None  # None: botocore's own (AWS accelerate)
+    region: str
+    accelerate: bool
+    shown: str  # what the ledger calls this endpoint
+
+
+def region_of(s3_host: str, default: str) -> str:
+    """The region named in an S3 host (s3.us-west-2.amazonaws.com), else `default`."""
+    if s3_host in ("s3.amazonaws.com", "s3-external-1.amazonaws.com"):
+        return "us-east-1"
+    match = _REGION_IN_HOST.match(s3_host)
+    return match.group(1) if match else default
+
+
+def choose_route(settings: S3Settings, s3_host: str, size: int) -> Route:
+    """The endpoint for a file of `size` bytes, by `s3.accelerate` and `s3.endpoint_url`."""
+    region = region_of(s3_host, settings.region)
+    use_accelerate = settings.accelerate == "always" or (
+        settings.accelerate == "auto" and size > settings.accelerate_threshold_bytes
+    )
+    if use_accelerate:
+        url = settings.accelerate_endpoint_url.rstrip("/")
+        if urlsplit(url).hostname in _AWS_ACCELERATE_HOSTS:
+            return Route(None, region, True, url)
+        return Route(url, region, True, url)
+    url = settings.endpoint_url.rstrip("/") if settings.endpoint_url else f"https://{s3_host}"
+    return Route(url, region, False, url)
+
+
+class _SwappableCredentials(Credentials):
+    """Credentials a worker's long-lived client signs with; swapped before each file."""
+
+    def __init__(self) -> None:
+        super().__init__("unset", "unset", None)
+
+    def swap(self, creds: StsCredentials) -> None:
+        self.access_key = creds.access_key.reveal()
+        self.secret_key = creds.secret_key.reveal()
+        self.token = creds.session_token.reveal()
+
+
+class _FixedProvider(CredentialProvider):  # type: ignore[misc]
+    METHOD = "tripo-sts"
+
+    def __init__(self, credentials: Credentials) -> None:
+        super().__init__()
+        self._credentials = credentials
+
+    def load(self) -> Credentials:
+        return self._credentials
+
+
+class _Channel:
+    """One boto3 client (one connection pool) for one route, and its transfer manager."""
+
+    def __init__(self, settings: S3Settings, route: Route) -> None:
+        self.credentials = _SwappableCredentials()
+        core = botocore.session.Session()
+        core.register_component(
+            "credential_provider", CredentialResolver([_FixedProvider(self.credentials)])
+        )
+        s3_options: dict[str, Any] = {}
+        if route.endpoint_url is None:
+            s3_options["use_accelerate_endpoint"] = True
+        elif not route.endpoint_url.startswith("https://s3"):
+            s3_options["addressing_style"] = "path"
+        config = Config(
+            region_name=route.region,
+            signature_version="s3v4",
+            s3=s3_options,
+            retries={"mode": "standard", "max_attempts": 3},
+            connect_timeout=10,
+            read_timeout=60,
+            max_pool_connections=max(2, settings.max_concurrency + 1),
+            tcp_keepalive=True,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        verify: str | bool = str(settings.ca_bundle) if settings.ca_bundle else True
+        self.client = boto3.Session(botocore_session=core).client(
+            "s3", endpoint_url=route.endpoint_url, config=config, verify=verify
+        )
+        self.transfer_config = TransferConfig(
+            multipart_threshold=settings.multipart_threshold_bytes,
+            multipart_chunksize=settings.multipart_chunk_bytes,
+            max_concurrency=settings.max_concurrency,
+            use_threads=True,
+        )
+        self._manager: TransferManager | None = None
+
+    def manager(self) -> TransferManager:
+        if self._manager is None:
+            self._manager = TransferManager(self.client, self.transfer_config)
+        return self._manager
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.shutdown()
+        self.client.close()
+
+
+def map_s3_error(exc: Exception) -> TransferError | NetworkError:
+    """The errors.py meaning of a botocore/s3transfer failure (secrets never included)."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _EXPIRED_CODES:
+            return CredentialsExpired(f"S3 no longer accepts the upload credentials ({code})")
+        if code in _DENIED_CODES or status == 403:
+            return StorageAccessDenied(f"S3 denied the upload ({code or status})")
+        return StorageUnavailable(f"S3 failed the upload ({code or status})")
+    if isinstance(exc, BotoCoreError):
+        return NetworkError(f"could not reach S3: {type(exc).__name__}")
+    return StorageUnavailable(f"the S3 transfer failed: {type(exc).__name__}")
+
+
+class S3Sender:
+    """One worker's S3 side: a client per route, reused for every file that worker sends."""
+
+    def __init__(self, settings: S3Settings) -> None:
+        self._settings = settings
+        self._channels: dict[Route, _Channel] = {}
+
+    def put(self, route: Route, bucket: str, key: str, creds: StsCredentials, body: Body) -> None:
+        """Send `body` to bucket/key; multipart above the threshold; raise from errors.py."""
+        channel = self._channels.get(route)
+        if channel is None:
+            channel = self._channels[route] = _Channel(self._settings, route)
+        channel.credentials.swap(creds)
+        try:
+            if body.data is not None:
+                channel.client.put_object(Bucket=bucket, Key=key, Body=body.data)
+                return
+            if body.size < self._settings.multipart_threshold_bytes:
+                with open_for_upload(body) as stream:
+                    channel.client.put_object(Bucket=bucket, Key=key, Body=stream)
+                return
+            with open_for_upload(body) as stream:
+                channel.manager().upload(stream, bucket, key).result()
+        except (ClientError, BotoCoreError) as exc:
+            raise map_s3_error(exc) from exc
+        except OSError as exc:
+            raise map_s3_error(exc) from exc
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+
+def open_for_upload(body: Body) -> Any:
+    """Open the file to stream it, refusing to follow a symlink swapped in since it was checked."""
+    fd = os.open(body.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC)
+    return os.fdopen(fd, "rb")

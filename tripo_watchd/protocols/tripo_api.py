@@ -1,0 +1,162 @@
+"""HTTP to the Tripo API: one kept-alive session, answers checked and mapped onto errors.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+import structlog
+
+from tripo_watchd import __version__
+from tripo_watchd.errors import (
+    ApiError,
+    AuthError,
+    InvalidRequest,
+    MalformedResponse,
+    NetworkError,
+    PermissionDenied,
+    RateLimited,
+    ServerError,
+)
+from tripo_watchd.secrets import Secret
+
+log = structlog.get_logger(__name__)
+
+TRACE_HEADER = "X-Tripo-Trace-ID"
+
+_CODE_ERRORS: Mapping[int, tuple[type[ApiError], str]] = {
+    1000: (ServerError, "the Tripo API had an internal error"),
+    1001: (ServerError, "the Tripo API had an internal error"),
+    1002: (AuthError, "the API key was refused"),
+    1003: (InvalidRequest, "the Tripo API found the request body malformed"),
+    1004: (InvalidRequest, "the Tripo API refused a parameter as invalid"),
+    1005: (PermissionDenied, "this API key is not allowed to do this"),
+    1007: (RateLimited, "the Tripo API rate limit was reached"),
+    2000: (RateLimited, "the Tripo API concurrency limit was reached"),
+    2010: (PermissionDenied, "the Tripo account has not enough credits"),
+}
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date); None if absent/bad."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        from datetime import UTC, datetime
+
+        when = parsedate_to_datetime(value)
+        return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def error_for(status: int, body: Any, headers: Mapping[str, str]) -> ApiError | None:
+    """The error an answer means, or None when it is a success (HTTP 200 and code 0)."""
+    trace_id = headers.get(TRACE_HEADER)
+    code = body.get("code") if isinstance(body, dict) else None
+    code = code if isinstance(code, int) and not isinstance(code, bool) else None
+    server_message = body.get("message") if isinstance(body, dict) else None
+    if status == 200 and code == 0:
+        return None
+    kind: type[ApiError]
+    if status == 401:
+        kind, text = AuthError, "the API key was refused"
+    elif code in _CODE_ERRORS:
+        kind, text = _CODE_ERRORS[code]
+    elif status == 429:
+        kind, text = RateLimited, "the Tripo API rate limit was reached"
+    elif status == 403:
+        kind, text = PermissionDenied, "this API key is not allowed to do this"
+    elif status == 404:
+        kind, text = InvalidRequest, "the Tripo API has no such endpoint (check api.base_url)"
+    elif 400 <= status < 500:
+        kind, text = InvalidRequest, "the Tripo API refused the request"
+    elif status >= 500:
+        kind, text = ServerError, "the Tripo API had an internal error"
+    elif code is None:
+        kind, text = MalformedResponse, "the Tripo API answered without a numeric `code`"
+    else:
+        kind, text = ServerError, "the Tripo API answered with an unknown error code"
+    detail = f" (HTTP {status}, code {code}"
+    if isinstance(server_message, str) and server_message:
+        detail += f": {server_message[:200]}"
+    message = text + detail + ")"
+    if kind is RateLimited:
+        return RateLimited(
+            message,
+            retry_after=retry_after_seconds(headers.get("Retry-After")),
+            status=status,
+            code=code,
+            trace_id=trace_id,
+        )
+    return kind(message, status=status, code=code, trace_id=trace_id)
+
+
+class TripoApi:
+    """One worker's connection to the Tripo API; `post` returns `data` or raises from errors.py."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: Callable[[], Secret],
+        *,
+        timeout: float,
+        ca_bundle: Path | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._timeout = timeout
+        self._session = requests.Session()
+        self._session.headers["User-Agent"] = f"tripo-watchd/{__version__}"
+        if ca_bundle is not None:
+            self._session.verify = str(ca_bundle)
+
+    def request(
+        self, method: str, path: str, payload: Mapping[str, Any] | None = None
+    ) -> tuple[dict[str, Any], str | None]:
+        """Send one request; return (data, trace id) of a success or raise the mapped error."""
+        url = f"{self.base_url}{path}"
+        headers = {"Authorization": f"Bearer {self._api_key().reveal()}"}
+        try:
+            response = self._session.request(
+                method, url, json=payload, headers=headers, timeout=self._timeout
+            )
+            raw = response.content
+        except requests.Timeout as exc:
+            raise NetworkError(f"the Tripo API did not answer within {self._timeout:g} s") from exc
+        except requests.RequestException as exc:
+            raise NetworkError(
+                f"could not reach the Tripo API at {self.base_url}: {type(exc).__name__}"
+            ) from exc
+        trace_id = response.headers.get(TRACE_HEADER)
+        try:
+            body: Any = response.json() if raw else None
+        except ValueError:
+            body = None
+        error = error_for(response.status_code, body, response.headers)
+        if error is None and not isinstance(body.get("data"), dict):
+            error = MalformedResponse(
+                "the Tripo API answered code 0 without a `data` object",
+                status=response.status_code,
+                trace_id=trace_id,
+            )
+        if error is not None:
+            if body is None and response.status_code == 200:
+                error = MalformedResponse(
+                    "the Tripo API answered with something that is not JSON",
+                    status=200,
+                    trace_id=trace_id,
+                )
+            log.debug("api.error", path=path, status=response.status_code, trace_id=trace_id)
+            raise error
+        return body["data"], trace_id
+
+    def close(self) -> None:
+        self._session.close()

@@ -1,0 +1,131 @@
+"""API v3: `POST /files/presign` names a URL and a file token; the bytes go in one HTTP PUT."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from tripo_watchd.errors import (
+    CredentialsExpired,
+    MalformedResponse,
+    NetworkError,
+    StorageAccessDenied,
+    StorageUnavailable,
+)
+from tripo_watchd.formats import FileKind
+from tripo_watchd.protocols import Body, Destination
+from tripo_watchd.protocols.s3_sender import open_for_upload
+from tripo_watchd.protocols.tripo_api import TripoApi
+from tripo_watchd.ratelimit import shared_pacer
+from tripo_watchd.secrets import Secret
+from tripo_watchd.settings import Settings
+
+
+@dataclass(frozen=True)
+class PresignedDestination:
+    """A presigned PUT URL (hidden: it is a credential) and the file token a task will take."""
+
+    file_token: str
+    task_type: str
+    endpoint: str
+    expires_at: float
+    trace_id: str | None
+    upload_url: Secret = field(repr=False)
+
+    def ledger_fields(self) -> dict[str, Any]:
+        return {
+            "protocol": V3Presign.name,
+            "file_token": self.file_token,
+            "task_file": {"type": self.task_type, "file_token": self.file_token},
+            "endpoint": self.endpoint,
+            "trace_id": self.trace_id,
+        }
+
+
+def parse_presign(data: dict[str, Any], trace_id: str | None, task_type: str) -> PresignedDestination:
+    """A destination from a presign answer's `data`, or MalformedResponse."""
+    url, token = data.get("upload_url"), data.get("file_token")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise MalformedResponse("the presign answer lacks an upload_url", trace_id=trace_id)
+    if not isinstance(token, str) or not token:
+        raise MalformedResponse("the presign answer lacks a file_token", trace_id=trace_id)
+    expires_in = data.get("expires_in")
+    seconds = float(expires_in) if isinstance(expires_in, int | float) else 1800.0
+    parts = urlsplit(url)
+    return PresignedDestination(
+        file_token=token,
+        task_type=task_type,
+        endpoint=f"{parts.scheme}://{parts.netloc}",
+        expires_at=time.monotonic() + seconds,
+        trace_id=trace_id,
+        upload_url=Secret(url),
+    )
+
+
+class V3Presign:
+    """The v3 flow: one worker's API session, and a plain HTTP session for the PUTs."""
+
+    name = "v3"
+
+    def __init__(
+        self,
+        settings: Settings,
+        api_key: Callable[[], Secret],
+        on_secret: Callable[[str], None] = lambda value: None,
+    ) -> None:
+        self._settings = settings
+        self._api = TripoApi(
+            settings.api.base_url,
+            api_key,
+            timeout=settings.api.timeout_seconds,
+            ca_bundle=settings.api.ca_bundle,
+        )
+        self._storage = requests.Session()
+        if settings.s3.ca_bundle is not None:
+            self._storage.verify = str(settings.s3.ca_bundle)
+        self._pacer = shared_pacer(settings.api.max_uploads_per_minute)
+        self._on_secret = on_secret
+
+    def destination(self, kind: FileKind, size: int) -> PresignedDestination:
+        self._pacer.acquire()
+        data, trace_id = self._api.request("POST", "/files/presign", {"format": kind.format})
+        destination = parse_presign(data, trace_id, kind.task_type)
+        self._on_secret(destination.upload_url.reveal().partition("?")[2])
+        return destination
+
+    def send(self, destination: Destination, body: Body) -> None:
+        assert isinstance(destination, PresignedDestination)
+        if time.monotonic() >= destination.expires_at:
+            raise CredentialsExpired("the presigned upload URL expired before it was used")
+        url = destination.upload_url.reveal()
+        timeout = (10.0, max(60.0, self._settings.api.timeout_seconds))
+        headers = {"Content-Length": str(body.size)}
+        try:
+            if body.data is not None:
+                response = self._storage.put(url, data=body.data, headers=headers, timeout=timeout)
+            else:
+                with open_for_upload(body) as stream:
+                    response = self._storage.put(url, data=stream, headers=headers, timeout=timeout)
+        except requests.RequestException as exc:
+            raise NetworkError(f"could not reach the upload URL: {type(exc).__name__}") from exc
+        if response.status_code in (200, 201, 204):
+            return
+        text = response.text[:2000]
+        if response.status_code == 403 and ("expired" in text.lower() or "Expired" in text):
+            raise CredentialsExpired("the presigned upload URL expired")
+        if response.status_code in (400, 403) and (
+            "SignatureDoesNotMatch" in text or "InvalidAccessKeyId" in text
+        ):
+            raise CredentialsExpired("the storage refused the presigned URL's signature")
+        if response.status_code in (401, 403):
+            raise StorageAccessDenied(f"the storage denied the upload (HTTP {response.status_code})")
+        raise StorageUnavailable(f"the storage failed the upload (HTTP {response.status_code})")
+
+    def close(self) -> None:
+        self._api.close()
+        self._storage.close()
