@@ -127,3 +127,65 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+class DaemonProcess:
+    """`tripo-watchd run` as a real subprocess; stderr (JSON logs) goes to a file we can read."""
+
+    def __init__(self, config: Path, log: Path, *args: str, env: Mapping[str, str] | None = None):
+        self.config = config
+        self.log = log
+        self.args = args
+        self.env = dict(env or cli_env())
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True) -> DaemonProcess:
+        with open(self.log, "ab") as sink:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tripo_watchd.cli", "--log-format", "json", "--log-level",
+                 "debug", "run", "--config", str(self.config), *self.args],
+                stdout=subprocess.DEVNULL,
+                stderr=sink,
+                env=self.env,
+            )
+        if wait_ready:
+            wait_for(lambda: self.events("daemon.started") or self._died(), timeout=30)
+            assert self.proc.poll() is None, self.log.read_text()
+        return self
+
+    def _died(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        if not self.log.exists():
+            return out
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or event.get("event") == name:
+                out.append(event)
+        return out
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -12,7 +12,7 @@ import pytest
 
 from tripo_watchd import ledger as ledger_mod
 from tripo_watchd.errors import LedgerError
-from tripo_watchd.ledger import JsonlLedger, LedgerBackend
+from tripo_watchd.ledger import JsonlLedger, LedgerBackend, read_records
 from tripo_watchd.records import Record
 
 SHA_A = "a" * 64
@@ -220,7 +220,7 @@ def test_fsync_failure_does_not_count(lpath: Path, monkeypatch: pytest.MonkeyPat
     def eio(fd: int) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(ledger_mod.os, "fsync", eio)
+    monkeypatch.setattr(os, "fsync", eio)
     with pytest.raises(LedgerError):
         led.append(uploaded("/in/a.png"))
     monkeypatch.undo()
@@ -244,3 +244,15 @@ def test_append_after_close_raises(lpath: Path) -> None:
     led.close()
     with pytest.raises(LedgerError):
         led.append(uploaded("/in/a.png"))
+
+
+def test_read_records_beside_a_running_owner(lpath: Path) -> None:
+    """Listing the ledger while the daemon holds it works and never truncates its last line."""
+    led = JsonlLedger(lpath)
+    led.append(uploaded("/in/a.png"))
+    with open(lpath, "ab") as f:
+        f.write(b'{"path":"/in/b.png","sta')  # the owner is mid-write
+    assert [r.path for r in read_records(lpath)] == ["/in/a.png"]
+    assert lpath.read_bytes().endswith(b'"sta')
+    assert list(read_records(lpath, "failed")) == []
+    led.close()

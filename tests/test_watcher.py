@@ -114,7 +114,7 @@ def test_file_created_in_place_is_offered_once(
 def test_slow_writer_is_offered_after_close_with_final_size(
     make: Callable[..., tuple[Watcher, Collector]], root: Path
 ) -> None:
-    """A renderer writing slowly is not offered until it closes the file, then with its full size."""
+    """A slow renderer's file is offered only after it is closed, with its full size."""
     _, got = make(root)
     target = root / "render.exr"
     closed_at: list[float] = []
@@ -131,7 +131,7 @@ def test_slow_writer_is_offered_after_close_with_final_size(
     thread.start()
     assert wait_for(lambda: got.count(target) == 1)
     thread.join()
-    (path, size, when) = next(o for o in got.offers if o[0] == target)
+    (_, size, when) = next(o for o in got.offers if o[0] == target)
     assert size == 5000
     assert when >= closed_at[0]
     assert stays_false(lambda: got.count(target) > 1)

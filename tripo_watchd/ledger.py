@@ -32,8 +32,7 @@ _PATH_ENTRY = struct.Struct("<QBBqq")
 # A line matching this prefix skips json.loads at open; anything else takes the slow path.
 _FAST = re.compile(
     rb'\{"path":"([^"\\]*)","status":"([a-z_]+)","at":"[^"\\]*"'
-    rb'(?:,"size":(\d+)|(?!,"size"))(?:,"mtime_ns":(-?\d+)|(?!,"mtime_ns"))'
-    rb'(?:,"sha256":"([0-9a-f]{64})"|(?!,"sha256"))[,}]'
+    rb'(?:,"size":(\d+))?(?:,"mtime_ns":(-?\d+))?(?:,"sha256":"([0-9a-f]{64})")?[,}]'
 )
 
 _MAX_LINE_WARNINGS = 20
@@ -74,6 +73,24 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     if not isinstance(data.get("status"), str):
         return None
     return data
+
+
+def read_records(
+    path: Path, status: str | None = None, *, end: int | None = None
+) -> Iterator[Record]:
+    """Stream a ledger's valid records without locking or repairing it (safe beside a daemon).
+
+    A torn last line is skipped, never repaired: only the owning JsonlLedger may truncate.
+    """
+    with open(path, "rb") as f:
+        pos = 0
+        for line in f:
+            pos += len(line)
+            if end is not None and pos > end:
+                break
+            data = _parse(line) if line.endswith(b"\n") else None
+            if data is not None and (status is None or data["status"] == status):
+                yield Record.from_dict(data)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -180,16 +197,24 @@ class JsonlLedger:
                 start, offset = offset, offset + len(line)
                 m = fast(line)
                 if m is not None and line.endswith(b"}\n"):
+                    raw_path, status, size, mtime, sha = m.groups()
+                    # An optional group that did not match although its key is there
+                    # (null, odd value) must take the slow path, not be read as absent.
+                    if (
+                        (size is None and b'"size"' in line)
+                        or (mtime is None and b'"mtime_ns"' in line)
+                        or (sha is None and b'"sha256"' in line)
+                    ):
+                        raw_path = None
                     try:
-                        path = m.group(1).decode("utf-8")
+                        path = raw_path.decode("utf-8") if raw_path is not None else None
                     except UnicodeDecodeError:
                         path = None
                     if path is not None:
-                        size, mtime, sha = m.group(3), m.group(4), m.group(5)
                         index(
                             start,
                             path,
-                            m.group(2).decode("ascii"),
+                            status.decode("ascii"),
                             int(size) if size is not None else None,
                             int(mtime) if mtime is not None else None,
                             sha.decode("ascii") if sha is not None else None,
@@ -324,17 +349,7 @@ class JsonlLedger:
         """Stream every valid record in file order (optionally one status), skipping bad lines."""
         with self._lock:
             end = self._size
-        with open(self.path, "rb") as f:
-            pos = 0
-            for line in f:
-                pos += len(line)
-                if pos > end:
-                    break
-                data = _parse(line)
-                if data is None:
-                    continue
-                if status is None or data["status"] == status:
-                    yield Record.from_dict(data)
+        return read_records(self.path, status, end=end)
 
     def counts(self) -> dict[str, int]:
         """status -> number of paths whose latest record has that status."""

@@ -40,7 +40,7 @@ _INOTIFY_HELP = (
 class _Root:
     """Mutable state of one watched root."""
 
-    __slots__ = ("dirs", "ident", "key", "missing_logged", "mode", "path", "want", "watch")
+    __slots__ = ("dirs", "ident", "key", "lost", "missing_logged", "mode", "path", "want", "watch")
 
     def __init__(self, path: Path, want: str) -> None:
         self.path = path
@@ -51,6 +51,7 @@ class _Root:
         self.watch: ObservedWatch | None = None
         self.dirs: dict[str, int] = {}  # poll mode: directory -> mtime_ns at its last listing
         self.missing_logged = False
+        self.lost = False  # the watched directory itself went away (its inode may be reused)
 
 
 class _Handler(FileSystemEventHandler):
@@ -192,6 +193,10 @@ class Watcher:
             )
         except OSError:
             ident = None
+        if root.lost:
+            root.lost = False
+            self._unwatch(root)
+            root.ident = None
         if ident == root.ident:
             if ident is None and not root.missing_logged:
                 root.missing_logged = True
@@ -301,6 +306,8 @@ class Watcher:
         dest = os.fsdecode(event.dest_path)
         await_close = _IS_LINUX and root.mode == "native"
         if event.is_directory:
+            if src == root.key and kind in ("deleted", "moved"):
+                root.lost = True
             if kind in ("deleted", "moved") and src:
                 with self._cv:
                     self._table.discard_under(src)

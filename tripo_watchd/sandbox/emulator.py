@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -113,6 +113,8 @@ class IssuedToken:
     sts_ak: str
     trace_id: str
     valid: bool
+    sts_sk: str = field(default="", repr=False)
+    session_token: str = field(default="", repr=False)
 
 
 _Route = Callable[[str, bytes, "Fault | None", str], "tuple[_Reply, str]"]
@@ -427,6 +429,8 @@ class TripoEmulator:
             key=key,
             sts_ak=creds["AccessKeyId"],
             trace_id=trace_id,
+            sts_sk=creds["SecretAccessKey"],
+            session_token=creds["SessionToken"],
             valid=fault is None or fault.kind not in ("expired_credentials", "bad_shape"),
         )
         with self._cond:
