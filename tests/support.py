@@ -93,7 +93,9 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def png_bytes(width: int = 64, height: int = 64, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+def png_bytes(
+    width: int = 64, height: int = 64, color: tuple[int, int, int] = (200, 30, 30)
+) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buffer, "PNG")
     return buffer.getvalue()
@@ -142,8 +144,19 @@ class DaemonProcess:
     def start(self, wait_ready: bool = True) -> DaemonProcess:
         with open(self.log, "ab") as sink:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tripo_watchd.cli", "--log-format", "json", "--log-level",
-                 "debug", "run", "--config", str(self.config), *self.args],
+                [
+                    sys.executable,
+                    "-m",
+                    "tripo_watchd.cli",
+                    "--log-format",
+                    "json",
+                    "--log-level",
+                    "debug",
+                    "run",
+                    "--config",
+                    str(self.config),
+                    *self.args,
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=sink,
                 env=self.env,

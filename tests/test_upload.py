@@ -23,7 +23,7 @@ from tripo_watchd.sandbox import Fault, S3Server, TripoEmulator
 
 @pytest.fixture
 def setup(tmp_path: Path, emulator: TripoEmulator, s3_server: S3Server, api_key: str):
-    """A config + key file for the emulator; returns a function that writes a file and uploads it."""
+    """A config and key file for the emulator; yields (tmp_path, ledger, reconfigure)."""
     key_file = write_key(tmp_path / "api-key", api_key)
     ledger = tmp_path / "state" / "ledger.jsonl"
 
@@ -59,7 +59,10 @@ def test_png_lands_byte_identical_at_the_key_the_token_named(setup, emulator, s3
     assert record["status"] == "uploaded"
     assert record["key"] == token.key and record["bucket"] == token.bucket == "tripo-data"
     assert record["uri"] == f"s3://tripo-data/{token.key}"
-    assert record["task_file"] == {"type": "png", "object": {"bucket": "tripo-data", "key": token.key}}
+    assert record["task_file"] == {
+        "type": "png",
+        "object": {"bucket": "tripo-data", "key": token.key},
+    }
     assert record["sha256"] == hashlib.sha256(data).hexdigest()
     assert record["size"] == len(data) and record["format"] == "png"
     assert record["trace_id"] == token.trace_id
@@ -134,7 +137,7 @@ def test_missing_key_says_where_to_put_one(setup, tmp_path, emulator, s3_server)
 @pytest.mark.parametrize(("status", "code"), [(403, 1005), (400, 1004), (403, 2010)])
 def test_permanent_api_errors_are_not_retried(setup, emulator, status, code):
     """403/1005, 400/1004 and 2010 (credits) are recorded failed after exactly one request."""
-    tmp_path, ledger, _ = setup
+    tmp_path, _, _ = setup
     emulator.inject(Fault("status", status=status, code=code))
     path = put(tmp_path, "a.png", png_bytes())
     result = run_cli("upload", "--config", tmp_path / "cfg.toml", path)
@@ -145,7 +148,7 @@ def test_permanent_api_errors_are_not_retried(setup, emulator, status, code):
 
 
 def test_server_errors_and_rate_limits_are_retried_then_succeed(setup, emulator, s3_server):
-    """5xx, code-in-200, malformed answers and 429 + Retry-After are retried until the upload works."""
+    """5xx, code-in-200, malformed answers and 429 + Retry-After are retried until it works."""
     tmp_path, _, _ = setup
     emulator.inject(
         Fault("status", status=500, code=1000),
@@ -220,21 +223,26 @@ def test_no_secret_reaches_output_or_ledger(setup, emulator, api_key):
     emulator.inject(Fault("expired_credentials"), Fault("status", status=500, code=1000))
     files = [put(tmp_path, f"{n}.png", png_bytes(40 + n, 40)) for n in range(3)]
     result = run_cli(
-        "--log-level", "debug", "upload", "--config", tmp_path / "cfg.toml", *files,
+        "--log-level",
+        "debug",
+        "upload",
+        "--config",
+        tmp_path / "cfg.toml",
+        *files,
         env=cli_env(),
     )
     assert result.returncode == 0, result.stderr
     everything = result.stdout + result.stderr + ledger.read_text()
-    secrets = [api_key] + [t.sts_sk for t in emulator.tokens] + [
-        t.session_token for t in emulator.tokens
-    ]
+    secrets = (
+        [api_key] + [t.sts_sk for t in emulator.tokens] + [t.session_token for t in emulator.tokens]
+    )
     assert len(secrets) >= 5
     for secret in secrets:
         assert secret not in everything
 
 
 def test_accelerate_auto_uses_the_accelerate_endpoint_for_big_files(setup, emulator, s3_server):
-    """With accelerate = auto, files over 100 KiB go through the accelerate endpoint, small ones not."""
+    """With accelerate = auto, only files over 100 KiB go through the accelerate endpoint."""
     tmp_path, _, config = setup
     accelerate = s3_server.endpoint_url.replace("127.0.0.1", "localhost")
     config(s3={"accelerate": "auto", "accelerate_endpoint_url": accelerate})

@@ -25,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     parser.add_argument(
-        "--log-format", choices=["auto", "json", "console"], default="auto",
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default="auto",
         help="JSON lines when stderr is not a terminal (auto), or force one",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -149,18 +151,14 @@ class _NoKey:
 
 
 def _cmd_ledger(args: argparse.Namespace) -> int:
-    from tripo_watchd.ledger import JsonlLedger
+    from tripo_watchd.ledger import read_records
 
     settings = _settings(args)
     if not settings.ledger.path.exists():
         _say(f"no ledger yet at {settings.ledger.path}")
         return EXIT_OK
-    ledger = JsonlLedger(settings.ledger.path)
-    try:
-        for record in ledger.records(args.status):
-            print(record.to_json())
-    finally:
-        ledger.close()
+    for record in read_records(settings.ledger.path, args.status):
+        print(record.to_json())
     return EXIT_OK
 
 

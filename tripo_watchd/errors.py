@@ -1,22 +1,22 @@
 """The one error hierarchy of tripo-watchd; retry decisions read `transient`.
 
-    TripoWatchdError                 transient?
-    ├── ConfigError                  no   bad configuration: names file, key, what is allowed
-    ├── RejectedFile                 no   the file itself is unacceptable (reason for a person)
-    ├── FileChanged                  yes  the file changed while it was read or sent: wait again
-    ├── ApiError                          the Tripo API said no, or said nonsense
-    │   ├── AuthError                no*  401 / 1002: bad or revoked key (*pause, never "failed")
-    │   ├── PermissionDenied         no   403 / 1005, 2010 (credits)
-    │   ├── InvalidRequest           no   400 / 1003, 1004
-    │   ├── RateLimited              yes  429 / 1007, 2000; carries retry_after
-    │   ├── ServerError              yes  5xx / 1000, 1001
-    │   └── MalformedResponse        yes  not JSON, or JSON without the promised fields
-    ├── NetworkError                 yes  connection refused/reset, timeout (API or S3)
-    ├── TransferError                     S3 said no
-    │   ├── CredentialsExpired       yes  ExpiredToken / InvalidAccessKeyId: new token, start again
-    │   ├── StorageAccessDenied      no   AccessDenied at the key the token named
-    │   └── StorageUnavailable       yes  5xx / SlowDown after botocore's own retries
-    └── LedgerError                  yes  the ledger could not be written (disk full, read-only)
+TripoWatchdError                 transient?
+├── ConfigError                  no   bad configuration: names file, key, what is allowed
+├── RejectedFile                 no   the file itself is unacceptable (reason for a person)
+├── FileChanged                  yes  the file changed while it was read or sent: wait again
+├── ApiError                          the Tripo API said no, or said nonsense
+│   ├── AuthError                no*  401 / 1002: bad or revoked key (*pause, never "failed")
+│   ├── PermissionDenied         no   403 / 1005, 2010 (credits)
+│   ├── InvalidRequest           no   400 / 1003, 1004
+│   ├── RateLimited              yes  429 / 1007, 2000; carries retry_after
+│   ├── ServerError              yes  5xx / 1000, 1001
+│   └── MalformedResponse        yes  not JSON, or JSON without the promised fields
+├── NetworkError                 yes  connection refused/reset, timeout (API or S3)
+├── TransferError                     S3 said no
+│   ├── CredentialsExpired       yes  ExpiredToken / InvalidAccessKeyId: new token, start again
+│   ├── StorageAccessDenied      no   AccessDenied at the key the token named
+│   └── StorageUnavailable       yes  5xx / SlowDown after botocore's own retries
+└── LedgerError                  yes  the ledger could not be written (disk full, read-only)
 """
 
 from __future__ import annotations

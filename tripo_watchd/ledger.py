@@ -162,6 +162,7 @@ class JsonlLedger:
         size: int | None,
         mtime_ns: int | None,
         sha256: str | None,
+        final: bool = False,
     ) -> None:
         sid = self._status_id(status)
         pkey = _key(path)
@@ -169,7 +170,7 @@ class JsonlLedger:
         if old is not None:
             self._counts[old[8]] -= 1  # byte 8 of _PATH_ENTRY is the status id
         self._counts[sid] += 1
-        flags = (size is not None) | ((mtime_ns is not None) << 1)
+        flags = (size is not None) | ((mtime_ns is not None) << 1) | (final << 2)
         self._by_path[pkey] = _PATH_ENTRY.pack(offset, sid, flags, size or 0, mtime_ns or 0)
         if status == "uploaded" and sha256:
             self._by_sha.setdefault(_key(sha256), offset)
@@ -183,6 +184,7 @@ class JsonlLedger:
             size if isinstance(size, int) else None,
             mtime_ns if isinstance(mtime_ns, int) else None,
             sha if isinstance(sha, str) else None,
+            data.get("retryable") is False,
         )
 
     def _load(self) -> None:
@@ -218,6 +220,7 @@ class JsonlLedger:
                             int(size) if size is not None else None,
                             int(mtime) if mtime is not None else None,
                             sha.decode("ascii") if sha is not None else None,
+                            b'"retryable":false' in line,
                         )
                         good_end = offset
                         continue
@@ -292,7 +295,13 @@ class JsonlLedger:
             offset = self._size
             self._size += len(data)
             self._index(
-                offset, record.path, record.status, record.size, record.mtime_ns, record.sha256
+                offset,
+                record.path,
+                record.status,
+                record.size,
+                record.mtime_ns,
+                record.sha256,
+                record.retryable is False,
             )
 
     # -- reading ------------------------------------------------------------------------------
@@ -331,7 +340,8 @@ class JsonlLedger:
         return Record.from_dict(data)
 
     def is_done(self, path: str, size: int, mtime_ns: int) -> bool:
-        """True if the latest record for `path` is uploaded or rejected with this size+mtime_ns."""
+        """True if the latest record for `path` is uploaded, rejected or failed for good, at this
+        size+mtime_ns: catch-up and rescans leave such a file alone."""
         with self._lock:
             entry = self._by_path.get(_key(path))
             if entry is None:
@@ -339,8 +349,8 @@ class JsonlLedger:
             _, sid, flags, esize, emtime = _PATH_ENTRY.unpack(entry)
             status = self._statuses[sid]
         return (
-            status in ("uploaded", "rejected")
-            and flags == 3
+            (status in ("uploaded", "rejected") or (status == "failed" and bool(flags & 4)))
+            and flags & 3 == 3
             and esize == size
             and emtime == mtime_ns
         )

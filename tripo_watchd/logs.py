@@ -55,7 +55,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 
 # Shorter values would blank ordinary words all over the logs.
 MIN_SECRET_LENGTH = 8
-MAX_RECENT_SECRETS = 2048
+MAX_RECENT_SECRETS = 128
 
 LIBRARY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "requests", "watchdog")
 

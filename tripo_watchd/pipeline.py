@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_any
+from tenacity.stop import stop_base
 
 from tripo_watchd.errors import (
     AuthError,
@@ -51,9 +52,7 @@ class Signature:
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    return (
-        isinstance(exc, TripoWatchdError) and exc.transient and not isinstance(exc, FileChanged)
-    )
+    return isinstance(exc, TripoWatchdError) and exc.transient and not isinstance(exc, FileChanged)
 
 
 def describe_file_type(mode: int) -> str:
@@ -70,6 +69,16 @@ def describe_file_type(mode: int) -> str:
     return "not a regular file"
 
 
+class _StopWhenSet(stop_base):  # type: ignore[misc]
+    """Tenacity stop condition: the daemon is shutting down."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self._event = event
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self._event.is_set()
+
+
 class Pipeline:
     """Takes one path to its outcome; one instance per worker (it holds that worker's protocol)."""
 
@@ -82,7 +91,7 @@ class Pipeline:
         roots: tuple[Path, ...] = (),
         dry_run: bool = False,
         stop: threading.Event | None = None,
-        sleep: Callable[[float], None] | None = None,
+        sleep: Callable[[float], object] | None = None,
     ) -> None:
         self._settings = settings
         self._ledger = ledger
@@ -90,7 +99,7 @@ class Pipeline:
         self._roots = tuple(root.resolve() for root in roots)
         self._dry_run = dry_run
         self._stop = stop or threading.Event()
-        self._sleep = sleep or self._stop.wait
+        self._sleep: Callable[[float], object] = sleep or self._stop.wait
 
     def process(self, path: Path) -> Record:
         """Upload, dedupe or reject `path` and return the record written to the ledger.
@@ -106,7 +115,9 @@ class Pipeline:
         except RejectedFile as exc:
             return self._reject(path, exc.message, logger)
         except FileNotFoundError:
-            return self._reject(path, "the file was deleted or moved away before it was read", logger)
+            return self._reject(
+                path, "the file was deleted or moved away before it was read", logger
+            )
         except PermissionError:
             return self._reject(path, "the file cannot be read (permission denied)", logger)
         base = Record(
@@ -146,7 +157,15 @@ class Pipeline:
         return self._finish(path, self._record(record, logger))
 
     def _reject(self, path: Path, reason: str, logger: Any) -> Record:
-        record = self._record(Record(path=str(path), status="rejected", reason=reason), logger)
+        try:
+            st = os.lstat(path)
+            size, mtime_ns = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime_ns = None, None
+        record = Record(
+            path=str(path), status="rejected", size=size, mtime_ns=mtime_ns, reason=reason
+        )
+        record = self._record(record, logger)
         self._place_rejected(path)
         return record
 
@@ -157,9 +176,9 @@ class Pipeline:
         real = path
         if stat.S_ISLNK(st.st_mode):
             real = path.resolve()
-            if self._roots and not self._settings.watch.follow_symlinks_outside:
-                if not any(real.is_relative_to(root) for root in self._roots):
-                    raise RejectedFile("the file is a symlink that points outside the watched folders")
+            outside = not any(real.is_relative_to(root) for root in self._roots)
+            if self._roots and outside and not self._settings.watch.follow_symlinks_outside:
+                raise RejectedFile("the file is a symlink that points outside the watched folders")
             st = os.stat(real)
         if not stat.S_ISREG(st.st_mode):
             raise RejectedFile(f"the path is {describe_file_type(st.st_mode)}, not a regular file")
@@ -167,11 +186,15 @@ class Pipeline:
         if kind is None:
             inspect(path.name, io.BytesIO(), st.st_size, self._settings.limits)  # raises the reason
             raise RejectedFile("the file type is not supported")
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(
+            real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        )
         with os.fdopen(fd, "rb") as stream:
             st = os.fstat(stream.fileno())
             if not stat.S_ISREG(st.st_mode):
-                raise RejectedFile(f"the path is {describe_file_type(st.st_mode)}, not a regular file")
+                raise RejectedFile(
+                    f"the path is {describe_file_type(st.st_mode)}, not a regular file"
+                )
             signature = Signature.of(st)
             if signature.size <= min(_IN_MEMORY_MAX, self._settings.s3.multipart_threshold_bytes):
                 data = stream.read()
@@ -214,9 +237,7 @@ class Pipeline:
 
     # -- sending ----------------------------------------------------------------------------
 
-    def _send(
-        self, accepted: Accepted, body: Body, logger: Any
-    ) -> tuple[Destination, int]:
+    def _send(self, accepted: Accepted, body: Body, logger: Any) -> tuple[Destination, int]:
         cap = self._settings.api.max_retry_after_seconds
 
         def wait(state: RetryCallState) -> float:
@@ -238,11 +259,12 @@ class Pipeline:
             )
 
         retrying = Retrying(
-            stop=stop_after_attempt(self._settings.pipeline.max_attempts)
-            | (lambda state: self._stop.is_set()),
+            stop=stop_any(
+                stop_after_attempt(self._settings.pipeline.max_attempts), _StopWhenSet(self._stop)
+            ),
             wait=wait,
             retry=retry_if_exception(_is_retryable),
-            sleep=self._sleep,
+            sleep=self._sleep_for,
             before_sleep=log_retry,
             reraise=True,
         )
@@ -257,6 +279,9 @@ class Pipeline:
             exc.attempts = attempts  # type: ignore[attr-defined]
             raise
         return destination, attempts
+
+    def _sleep_for(self, seconds: float) -> None:
+        self._sleep(seconds)
 
     # -- recording --------------------------------------------------------------------------
 
@@ -312,4 +337,14 @@ class Pipeline:
 
 
 _DESTINATION_FIELDS = {"protocol", "bucket", "key", "uri", "file_token", "task_file", "endpoint"}
-_LOGGED_FIELDS = {"duplicate_of", "key", "size", "seconds", "attempts", "reason", "format", "trace_id", "uri"}
+_LOGGED_FIELDS = {
+    "duplicate_of",
+    "key",
+    "size",
+    "seconds",
+    "attempts",
+    "reason",
+    "format",
+    "trace_id",
+    "uri",
+}

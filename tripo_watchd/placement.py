@@ -15,7 +15,7 @@ def _candidates(target: Path) -> list[Path]:
 
 
 def move_into(src: Path, folder: Path, relative: Path | None = None) -> Path:
-    """Move `src` to `folder/relative` (default its name), adding -1, -2 … on a clash; return where."""
+    """Move `src` to `folder/relative` (default: its name), adding -1, -2 … on a clash."""
     target = folder / (relative if relative is not None else Path(src.name))
     target.parent.mkdir(parents=True, exist_ok=True)
     for candidate in _candidates(target):

@@ -33,8 +33,12 @@ def probe_protocols(settings: Settings, key: Secret) -> dict[str, str]:
     """protocol -> "works" or a short reason why not."""
     verdicts: dict[str, str] = {}
     for name, url in base_urls(settings).items():
-        api = TripoApi(url, lambda: key, timeout=min(15.0, settings.api.timeout_seconds),
-                       ca_bundle=settings.api.ca_bundle)
+        api = TripoApi(
+            url,
+            lambda: key,
+            timeout=min(15.0, settings.api.timeout_seconds),
+            ca_bundle=settings.api.ca_bundle,
+        )
         try:
             api.request("GET", _BALANCE_PATHS[name])
             verdicts[name] = "works"

@@ -63,7 +63,9 @@ class WorkerSettings:
 class LedgerSettings:
     """[ledger]: where outcomes are recorded."""
 
-    path: Path = Path("~/.local/state/tripo-watchd/ledger.jsonl").expanduser()
+    path: Path = field(
+        default_factory=lambda: Path("~/.local/state/tripo-watchd/ledger.jsonl").expanduser()
+    )
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The upload seam: "a destination for this file" + "send the bytes there", one module a protocol."""
+"""The upload seam: "a destination for this file" + "send the bytes there"."""
 
 from __future__ import annotations
 

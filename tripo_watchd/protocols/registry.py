@@ -25,4 +25,4 @@ def make_protocol(
         from tripo_watchd.protocols.v3 import V3Presign
 
         return V3Presign(settings, api_key, on_secret)
-    raise ConfigError(f"api.protocol = {name!r} is not known; use \"v2-sts\" or \"v3\"")
+    raise ConfigError(f'api.protocol = {name!r} is not known; use "v2-sts" or "v3"')

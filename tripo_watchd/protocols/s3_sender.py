@@ -1,4 +1,4 @@
-"""Bytes to S3 with boto3: clients kept per worker, each request signed with the file's credentials."""
+"""Bytes to S3 with boto3: one client per worker and route, signed per file."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ from tripo_watchd.secrets import Secret
 from tripo_watchd.settings import S3Settings
 
 _AWS_ACCELERATE_HOSTS = {"s3-accelerate.amazonaws.com", "s3-accelerate.dualstack.amazonaws.com"}
-_REGION_IN_HOST = re.compile(r"^s3[.-](?:dualstack\.)?([a-z]{2}(?:-gov)?-[a-z]+-\d)\.amazonaws\.com")
+_REGION_IN_HOST = re.compile(
+    r"^s3[.-](?:dualstack\.)?([a-z]{2}(?:-gov)?-[a-z]+-\d)\.amazonaws\.com"
+)
 _EXPIRED_CODES = {"ExpiredToken", "InvalidAccessKeyId", "InvalidToken", "TokenRefreshRequired"}
 _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "NoSuchBucket", "InvalidBucketName"}
 
@@ -75,7 +77,7 @@ def choose_route(settings: S3Settings, s3_host: str, size: int) -> Route:
     return Route(url, region, False, url)
 
 
-class _SwappableCredentials(Credentials):
+class _SwappableCredentials(Credentials):  # type: ignore[misc]
     """Credentials a worker's long-lived client signs with; swapped before each file."""
 
     def __init__(self) -> None:

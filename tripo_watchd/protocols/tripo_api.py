@@ -41,7 +41,7 @@ _CODE_ERRORS: Mapping[int, tuple[type[ApiError], str]] = {
 
 
 def retry_after_seconds(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date); None if absent/bad."""
+    """Seconds to wait from a Retry-After header (seconds or HTTP date); None if absent or bad."""
     if not value:
         return None
     try:
@@ -68,7 +68,7 @@ def error_for(status: int, body: Any, headers: Mapping[str, str]) -> ApiError | 
     kind: type[ApiError]
     if status == 401:
         kind, text = AuthError, "the API key was refused"
-    elif code in _CODE_ERRORS:
+    elif code is not None and code in _CODE_ERRORS:
         kind, text = _CODE_ERRORS[code]
     elif status == 429:
         kind, text = RateLimited, "the Tripo API rate limit was reached"

@@ -52,7 +52,9 @@ def parse_token(data: dict[str, Any], trace_id: str | None) -> tuple[str, str, s
             f"the STS token answer lacks {', '.join(missing)}", status=200, trace_id=trace_id
         )
     host = data["s3_host"].removeprefix("https://").removeprefix("http://").rstrip("/")
-    creds = StsCredentials(Secret(data["sts_ak"]), Secret(data["sts_sk"]), Secret(data["session_token"]))
+    creds = StsCredentials(
+        Secret(data["sts_ak"]), Secret(data["sts_sk"]), Secret(data["session_token"])
+    )
     return host, data["resource_bucket"], data["resource_uri"], creds
 
 

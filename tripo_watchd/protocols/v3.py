@@ -47,7 +47,9 @@ class PresignedDestination:
         }
 
 
-def parse_presign(data: dict[str, Any], trace_id: str | None, task_type: str) -> PresignedDestination:
+def parse_presign(
+    data: dict[str, Any], trace_id: str | None, task_type: str
+) -> PresignedDestination:
     """A destination from a presign answer's `data`, or MalformedResponse."""
     url, token = data.get("upload_url"), data.get("file_token")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
@@ -123,7 +125,9 @@ class V3Presign:
         ):
             raise CredentialsExpired("the storage refused the presigned URL's signature")
         if response.status_code in (401, 403):
-            raise StorageAccessDenied(f"the storage denied the upload (HTTP {response.status_code})")
+            raise StorageAccessDenied(
+                f"the storage denied the upload (HTTP {response.status_code})"
+            )
         raise StorageUnavailable(f"the storage failed the upload (HTTP {response.status_code})")
 
     def close(self) -> None:

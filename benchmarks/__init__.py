@@ -1,0 +1,1 @@
+"""Benchmarks for tripo-watchd; not part of the test suite."""
