@@ -118,10 +118,14 @@ def part_known(root: Path, servers: Servers, count: int) -> None:
         daemon.stop()
     tokens = servers.command("tokens")["tokens"] - tokens0
     print(f"[known] start → daemon.started: {to_started:.2f} s")
-    print(f"[known] start → catch-up scan done (CPU went quiet): {done - daemon.started_at:.2f} s "
-          f"(scan {done - started:.2f} s after daemon.started)")
-    print(f"[known] tokens requested: {tokens}, files seen as new: {seen}, outcomes logged: "
-          f"{uploads}  ({verdict(tokens == 0 and seen == 0 and uploads == 0)})")
+    print(
+        f"[known] start → catch-up scan done (CPU went quiet): {done - daemon.started_at:.2f} s "
+        f"(scan {done - started:.2f} s after daemon.started)"
+    )
+    print(
+        f"[known] tokens requested: {tokens}, files seen as new: {seen}, outcomes logged: "
+        f"{uploads}  ({verdict(tokens == 0 and seen == 0 and uploads == 0)})"
+    )
     print(f"[known] daemon CPU so far {cpu:.2f} s, peak RSS {mb(peak)}")
 
 
@@ -132,7 +136,8 @@ def part_pending(root: Path, servers: Servers, count: int) -> None:
     print(f"[pending] {count:,} new files written in {time.monotonic() - t0:.1f} s")
     cfg = root / "cfg-pending"
     config = write_config(cfg, servers, [inbox])
-    (cfg / "api-key").write_text("tsk_refused_by_the_emulator\n")  # uploads pause: files stay pending
+    # A key the emulator refuses: uploads pause, every file stays pending.
+    (cfg / "api-key").write_text("tsk_refused_by_the_emulator\n")
     daemon = Daemon(config, root / "pending.log").start()
     try:
         started = daemon.wait_event("daemon.started", timeout=300)
@@ -142,9 +147,11 @@ def part_pending(root: Path, servers: Servers, count: int) -> None:
         status = json.loads((cfg / "state" / "status.json").read_text())
     finally:
         daemon.stop()
-    print(f"[pending] scan of {count:,} new files took {done - started:.2f} s after daemon.started;"
-          f" status: pending={status.get('pending')} queued={status.get('queued')} "
-          f"auth={status.get('auth')}")
+    print(
+        f"[pending] scan of {count:,} new files took {done - started:.2f} s after daemon.started;"
+        f" status: pending={status.get('pending')} queued={status.get('queued')} "
+        f"auth={status.get('auth')}"
+    )
     print(f"[pending] peak RSS {mb(peak)}  (goal ≤ 200 MB: {verdict(peak <= 200e6)})")
 
 
@@ -179,16 +186,23 @@ def part_million(root: Path, records: int) -> None:
             line = prefix.replace("/srv/inbox/d{d}/f{n}.glb", path) + f'"sha256":"{sha}"' + tail
             f.write(line + "\n")
     size = ledger.stat().st_size
-    print(f"[1M] {records:,} records ({size / 1e6:.0f} MB) written in {time.monotonic() - t0:.1f} s")
+    took = time.monotonic() - t0
+    print(f"[1M] {records:,} records ({size / 1e6:.0f} MB) written in {took:.1f} s")
     out = subprocess.run(
         [sys.executable, "-c", _OPEN_LEDGER, str(ledger)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     seconds, before, after, peak, uploaded = float(out[0]), *map(int, out[1:])
-    print(f"[1M] open + index: {seconds:.2f} s  (goal ≤ 5 s: {verdict(seconds <= 5)}); "
-          f"{uploaded:,} uploaded indexed")
-    print(f"[1M] RSS {mb(after)} after open (interpreter + imports {mb(before)}), peak {mb(peak)}"
-          f"  (goal ≤ 300 MB: {verdict(peak <= 300e6)})")
+    print(
+        f"[1M] open + index: {seconds:.2f} s  (goal ≤ 5 s: {verdict(seconds <= 5)}); "
+        f"{uploaded:,} uploaded indexed"
+    )
+    print(
+        f"[1M] RSS {mb(after)} after open (interpreter + imports {mb(before)}), peak {mb(peak)}"
+        f"  (goal ≤ 300 MB: {verdict(peak <= 300e6)})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

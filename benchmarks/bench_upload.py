@@ -229,7 +229,9 @@ def pipeline_factory(
     return make
 
 
-def profile_pipeline(servers: Servers, settings: Settings, ledger: JsonlLedger, paths: list[Path]) -> str:
+def profile_pipeline(
+    servers: Servers, settings: Settings, ledger: JsonlLedger, paths: list[Path]
+) -> str:
     """cProfile of one worker running `paths` sequentially (cProfile sees one thread)."""
     do, close = pipeline_factory(settings, ledger)()
     do(paths[0])  # build clients, open connections
@@ -251,10 +253,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sdk-files", type=int, default=200, help="files for the SDK pattern")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--size", type=int, default=64 * 1024)
-    parser.add_argument("--rtt-ms", type=float, default=0.0,
-                        help="delay the S3 proxy adds per new connection and per request")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="also cProfile N files through one pipeline worker")
+    parser.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=0.0,
+        help="delay the S3 proxy adds per new connection and per request",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also cProfile N files through one pipeline worker",
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="tripo-bench-upload-") as tmp:
@@ -262,10 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         log_file = open(root / "pipeline.log", "w")  # noqa: SIM115
         configure_logging(json_output=True, level="info", stream=log_file)
         print(f"machine: {machine()}; S3 proxy RTT {args.rtt_ms:g} ms")
-        print(f"writing {2 * args.files + args.sdk_files + args.profile + 3 * args.workers} "
-              f"× {args.size} B GLB files")
+        print(
+            f"writing {2 * args.files + args.sdk_files + args.profile + 3 * args.workers} "
+            f"× {args.size} B GLB files"
+        )
         w = args.workers
-        warm = [write_files(root / "inbox", w, args.size, start=50_000_000 + n * 1000) for n in range(3)]
+        warm = [
+            write_files(root / "inbox", w, args.size, start=50_000_000 + n * 1000) for n in range(3)
+        ]
         tight_files = write_files(root / "tight", args.files, args.size, start=10_000_000)
         pipe_files = write_files(root / "inbox", args.files, args.size, start=20_000_000)
         sdk_files = write_files(root / "sdk", args.sdk_files, args.size, start=30_000_000)
@@ -299,32 +314,43 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(results: dict[str, Result], workers: int, srv_cpu: float, uploaded: int, want: int) -> None:
-    print(f"\n{'phase':<34}{'files':>7}{'wall s':>9}{'files/s':>9}{'CPU ms/file':>13}"
-          f"{'S3 conns*':>14}{'failed':>8}")
+def report(
+    results: dict[str, Result], workers: int, srv_cpu: float, uploaded: int, want: int
+) -> None:
+    print(
+        f"\n{'phase':<34}{'files':>7}{'wall s':>9}{'files/s':>9}{'CPU ms/file':>13}"
+        f"{'S3 conns*':>14}{'failed':>8}"
+    )
     labels = {
         "tight": f"tight loop ({workers} threads, reused)",
         "pipeline": f"Pipeline ({workers} workers)",
         "sdk": "SDK pattern (sequential, new client)",
     }
     for key, r in results.items():
-        print(f"{labels[key]:<34}{r.files:>7}{r.wall:>9.2f}{r.rate:>9.1f}{r.cpu_ms:>13.2f}"
-              f"{r.conns:>14}{r.failures:>8}")
+        print(
+            f"{labels[key]:<34}{r.files:>7}{r.wall:>9.2f}{r.rate:>9.1f}{r.cpu_ms:>13.2f}"
+            f"{r.conns:>14}{r.failures:>8}"
+        )
     print("* TCP connections the client opened to S3 in the phase, warm-up file included")
     tight, pipe, sdk = results["tight"], results["pipeline"], results["sdk"]
     ratio = pipe.wall / tight.wall * tight.files / pipe.files
     speedup = pipe.rate / sdk.rate
     cpu_ratio = pipe.cpu_ms / tight.cpu_ms
     print()
-    print(f"pipeline/tight-loop wall time per file: {ratio:.3f}  (goal ≤ 1.15: {verdict(ratio <= 1.15)})")
+    ok = verdict(ratio <= 1.15)
+    print(f"pipeline/tight-loop wall time per file: {ratio:.3f}  (goal ≤ 1.15: {ok})")
     print(f"pipeline/tight-loop client CPU per file: {cpu_ratio:.3f}")
     print(f"speedup vs SDK pattern: {speedup:.1f}×  (goal ≥ 5×: {verdict(speedup >= 5)})")
-    print(f"S3 TCP connections in the pipeline phase: {pipe.conns}  "
-          f"(goal ≤ workers + 2 = {workers + 2}: {verdict(pipe.conns <= workers + 2)})")
+    print(
+        f"S3 TCP connections in the pipeline phase: {pipe.conns}  "
+        f"(goal ≤ workers + 2 = {workers + 2}: {verdict(pipe.conns <= workers + 2)})"
+    )
     print(f"ledger: {uploaded} uploaded of {want} (plus profile files, if any)")
     total = sum(r.files for r in results.values())
-    print(f"server CPU (moto + emulator, separate process): {1000 * srv_cpu / total:.1f} ms/file "
-          f"— the ceiling on {os.cpu_count()} cores; client figures above exclude it")
+    print(
+        f"server CPU (moto + emulator, separate process): {1000 * srv_cpu / total:.1f} ms/file "
+        f"— the ceiling on {os.cpu_count()} cores; client figures above exclude it"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: servers in a child process, sample files, configs, the daemon, /proc."""
+"""Shared benchmark helpers: servers in a child process, files, configs, the daemon, /proc."""
 
 from __future__ import annotations
 
@@ -38,7 +38,15 @@ class Servers:
     def __init__(self, state: Path) -> None:
         state.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.servers", "--api-key", API_KEY, "--state", str(state)],
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.servers",
+                "--api-key",
+                API_KEY,
+                "--state",
+                str(state),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -188,8 +196,18 @@ class Daemon:
         with open(self.log, "ab") as sink:
             self.started_at = time.monotonic()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tripo_watchd.cli", "--log-format", "json", "--log-level",
-                 self.level, "run", "--config", str(self.config)],
+                [
+                    sys.executable,
+                    "-m",
+                    "tripo_watchd.cli",
+                    "--log-format",
+                    "json",
+                    "--log-level",
+                    self.level,
+                    "run",
+                    "--config",
+                    str(self.config),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=sink,
                 env=daemon_env(),
@@ -282,8 +300,11 @@ def percentile(values: Sequence[float], q: float) -> float:
         return float("nan")
     if len(values) == 1:
         return float(values[0])
-    return float(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]) if q < 100 \
+    return (
+        float(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1])
+        if q < 100
         else float(max(values))
+    )
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.01) -> Any:

@@ -71,7 +71,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         body = self._body()
         if self.server.proxy.rtt:
             time.sleep(self.server.proxy.rtt)
-        upstream = http.client.HTTPConnection("127.0.0.1", self.server.proxy.upstream_port, timeout=60)
+        upstream = http.client.HTTPConnection(
+            "127.0.0.1", self.server.proxy.upstream_port, timeout=60
+        )
         try:
             upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
             for name, value in self.headers.items():

@@ -140,8 +140,10 @@ class DaemonProcess:
         self.args = args
         self.env = dict(env or cli_env())
         self.proc: subprocess.Popen[bytes] | None = None
+        self._offset = 0
 
     def start(self, wait_ready: bool = True) -> DaemonProcess:
+        self._offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as sink:
             self.proc = subprocess.Popen(
                 [
@@ -173,7 +175,10 @@ class DaemonProcess:
         out = []
         if not self.log.exists():
             return out
-        for line in self.log.read_text(errors="replace").splitlines():
+        with open(self.log, "rb") as source:
+            source.seek(self._offset)
+            text = source.read().decode(errors="replace")
+        for line in text.splitlines():
             try:
                 event = json.loads(line)
             except ValueError:

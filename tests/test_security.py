@@ -250,11 +250,6 @@ def test_upload_works_over_tls_with_the_ca_bundle(tmp_path, tls):
     assert tls.s3.object_bytes(record["key"]) == (tmp_path / "inbox" / "tls.png").read_bytes()
 
 
-@pytest.mark.xfail(
-    reason="REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override api.ca_bundle: requests lets the "
-    "environment beat Session.verify; TripoApi.request must pass verify= per request",
-    strict=True,
-)
 def test_configured_ca_bundle_wins_over_ca_environment_variables(tmp_path, tls):
     """api/s3.ca_bundle are used even when REQUESTS_CA_BUNDLE etc. name the system bundle."""
     if not Path(_SYSTEM_BUNDLE).exists():
@@ -278,11 +273,6 @@ def test_untrusted_certificate_fails_the_upload_without_sending(tmp_path, tls, a
 
 
 @_UNTRUSTED
-@pytest.mark.xfail(
-    reason="the reason is only 'could not reach ...: SSLError'; it should say the TLS "
-    "certificate was not trusted and name api.ca_bundle / s3.ca_bundle",
-    strict=True,
-)
 def test_untrusted_certificate_reason_says_what_to_fix(tmp_path, tls, api_ca, s3_ca):
     """The failure reason says the certificate is not trusted and names the ca_bundle key."""
     record = _upload_over_tls(tmp_path, tls, api_ca=api_ca, s3_ca=s3_ca)

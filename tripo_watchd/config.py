@@ -17,17 +17,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tripo_watchd.errors import ConfigError
+from tripo_watchd.metrics import parse_listen
 from tripo_watchd.secrets import Secret
 from tripo_watchd.settings import (
     ApiSettings,
+    HookSettings,
     LedgerSettings,
     LimitsSettings,
+    MetricsSettings,
     PipelineSettings,
     S3Settings,
     Settings,
     WatchSettings,
     WorkerSettings,
 )
+from tripo_watchd.throttle import parse_rate
 
 __all__ = [
     "API_KEY_ENV",
@@ -56,6 +60,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "ledger": LedgerSettings,
     "limits": LimitsSettings,
     "pipeline": PipelineSettings,
+    "hooks": HookSettings,
+    "metrics": MetricsSettings,
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "api.protocol": tuple(DEFAULT_BASE_URLS),
@@ -87,6 +93,11 @@ _POSITIVE = _Range(0, strict_low=True, words="a number greater than 0")
 _POSITIVE_INT = _Range(0, strict_low=True, words="an integer greater than 0")
 _NON_NEGATIVE = _Range(0, words="a number of 0 or more")
 _RANGES: dict[str, _Range] = {
+    "hooks.timeout_seconds": _POSITIVE,
+    "s3.connect_timeout_seconds": _POSITIVE,
+    "s3.read_timeout_seconds": _POSITIVE,
+    "hooks.max_workers": _Range(1, 16, words="an integer from 1 to 16"),
+    "s3.progress_log_seconds": _Range(0, words="a number of 0 or more (0 = no progress events)"),
     "api.timeout_seconds": _POSITIVE,
     "api.max_uploads_per_minute": _Range(0, words="a number of 0 or more (0 = no pacing)"),
     "api.max_retry_after_seconds": _POSITIVE,
@@ -326,6 +337,10 @@ def _check_section(ctx: _Ctx, section: str, raw: Mapping[str, Any], v: dict[str,
         _check_limits(ctx, v)
     elif section == "pipeline":
         _check_pipeline(ctx, v)
+    elif section == "hooks":
+        _check_hooks(ctx, v)
+    elif section == "metrics":
+        _check_metrics(ctx, v)
 
 
 def _check_api(ctx: _Ctx, raw: Mapping[str, Any], v: dict[str, Any]) -> None:
@@ -351,6 +366,42 @@ def _check_s3(ctx: _Ctx, v: dict[str, Any]) -> None:
     if "region" in v and not v["region"].strip():
         raise ctx.error(
             "s3.region", v["region"], 'is not allowed; use a region such as "us-west-2"'
+        )
+    if v.get("max_bandwidth"):
+        try:
+            parse_rate(v["max_bandwidth"])
+        except ValueError as e:
+            raise ctx.error(
+                "s3.max_bandwidth", v["max_bandwidth"], f"is not allowed: {e}"
+            ) from None
+
+
+def _check_hooks(ctx: _Ctx, v: dict[str, Any]) -> None:
+    for key in ("on_uploaded", "on_rejected"):
+        argv = v.get(key)
+        if argv and not argv[0]:
+            raise ctx.error(
+                f"hooks.{key}",
+                list(argv),
+                "is not allowed; the first item must be the command, "
+                'e.g. ["/usr/local/bin/notify", "--quiet"]',
+            )
+
+
+def _check_metrics(ctx: _Ctx, v: dict[str, Any]) -> None:
+    listen = v.get("listen", "")
+    if not listen:
+        return
+    try:
+        host, _ = parse_listen(listen)
+    except ValueError as e:
+        raise ctx.error("metrics.listen", listen, f"is not allowed: {e}") from None
+    if not v.get("allow_remote", False) and not _is_loopback(host):
+        raise ctx.error(
+            "metrics.listen",
+            listen,
+            "is not a loopback address; the endpoint has no authentication: "
+            "use 127.0.0.1:PORT or set metrics.allow_remote = true",
         )
 
 

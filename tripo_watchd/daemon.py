@@ -15,8 +15,10 @@ from typing import Any
 import structlog
 
 from tripo_watchd.errors import AuthError, FileChanged, TripoWatchdError
+from tripo_watchd.hooks import HookRunner
 from tripo_watchd.ledger import JsonlLedger
 from tripo_watchd.logs import register_secret
+from tripo_watchd.metrics import Metrics, MetricsServer, MetricsSink, NullMetrics, outcome_of
 from tripo_watchd.notify import Notifier
 from tripo_watchd.pipeline import Pipeline
 from tripo_watchd.protocols import UploadProtocol
@@ -109,11 +111,18 @@ class Daemon:
         self._workers: list[threading.Thread] = []
         self._generation = 0
         self._watcher: Watcher | None = None
+        hooks = settings.hooks
+        self._hooks = HookRunner(
+            hooks.on_uploaded, hooks.on_rejected, hooks.timeout_seconds, hooks.max_workers
+        )
+        self._metrics: MetricsSink = Metrics() if settings.metrics.listen else NullMetrics()
+        self._metrics_server: MetricsServer | None = None
 
     # -- public ------------------------------------------------------------------------------
 
     def run(self) -> int:
         """Watch and upload until stopped; return the process exit code."""
+        self._serve_metrics()
         self._start_generation()
         assert self._watcher is not None
         log.info(
@@ -143,11 +152,26 @@ class Daemon:
                 last_status = now
                 self._write_status()
                 self._notifier.status(self._status_line())
+                figures = self._figures()
+                self._metrics.set_queue(figures["queued"], figures["in_flight"])
             if now - last_summary >= 60.0 and (self._busy or not self._queue.empty()):
                 last_summary = now
                 log.info("daemon.summary", **self._figures())
         self._shutdown()
         return 0
+
+    def _serve_metrics(self) -> None:
+        if not isinstance(self._metrics, Metrics):
+            return
+        listen = self.settings.metrics.listen
+        try:
+            self._metrics_server = self._metrics.serve(
+                listen, allow_remote=self.settings.metrics.allow_remote
+            )
+            server = self._metrics_server
+            log.info("metrics.listening", host=server.host, port=server.port)
+        except (OSError, ValueError) as exc:
+            log.error("metrics.failed", listen=listen, reason=str(exc))
 
     def stop(self) -> None:
         """Ask the daemon to finish the files in flight and return from `run()`."""
@@ -207,6 +231,7 @@ class Daemon:
             roots=settings.watch.paths,
             dry_run=self._dry_run,
             stop=self._stop,
+            metrics=self._metrics,
         )
         try:
             while not self._stop.is_set() and generation == self._generation:
@@ -227,6 +252,9 @@ class Daemon:
         try:
             record = pipeline.process(path)
             self._count(record)
+            if not self._dry_run:
+                self._metrics.file_done(outcome_of(record), record.size or 0, record.seconds)
+                self._hooks.submit(record.to_json(), record.status)
         except FileChanged as exc:
             log.info("file.changed", path=str(path), reason=exc.message)
             requeue_later = True
@@ -264,6 +292,7 @@ class Daemon:
             if not self._auth_ok.is_set():
                 return
             self._auth_ok.clear()
+            self._metrics.set_auth(False)
             message = (
                 f"{exc.message}; uploads are paused. Put a valid key in place "
                 "(it is re-read automatically); nothing is marked failed."
@@ -279,6 +308,7 @@ class Daemon:
 
     def _await_key(self, watcher: _KeyWatcher) -> None:
         watcher.wait_for_new_key()
+        self._metrics.set_auth(True)
         self._auth_ok.set()
 
     def _count(self, record: Record) -> None:
@@ -335,6 +365,9 @@ class Daemon:
         deadline = time.monotonic() + float(os.environ.get("TRIPO_WATCHD_STOP_GRACE", "60"))
         for thread in self._workers:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._hooks.close(wait=10)
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
         self._write_status(running=False)
         self._ledger.close()
         log.info("daemon.stopped", **self._figures())

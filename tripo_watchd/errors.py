@@ -12,6 +12,7 @@ TripoWatchdError                 transient?
 │   ├── ServerError              yes  5xx / 1000, 1001
 │   └── MalformedResponse        yes  not JSON, or JSON without the promised fields
 ├── NetworkError                 yes  connection refused/reset, timeout (API or S3)
+├── TlsError                     no   a server's certificate is not trusted: set ca_bundle
 ├── TransferError                     S3 said no
 │   ├── CredentialsExpired       yes  ExpiredToken / InvalidAccessKeyId: new token, start again
 │   ├── StorageAccessDenied      no   AccessDenied at the key the token named
@@ -101,6 +102,10 @@ class NetworkError(TripoWatchdError):
     """The network failed: refused, reset, timed out (Tripo API or S3)."""
 
     transient = True
+
+
+class TlsError(TripoWatchdError):
+    """A server's TLS certificate was not trusted; configuration will help, retrying will not."""
 
 
 class TransferError(TripoWatchdError):

@@ -57,7 +57,15 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 MIN_SECRET_LENGTH = 8
 MAX_RECENT_SECRETS = 128
 
-LIBRARY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "requests", "watchdog")
+LIBRARY_LOGGERS = (
+    "botocore",
+    "boto3",
+    "s3transfer",
+    "urllib3",
+    "requests",
+    "watchdog",
+    "PIL",
+)
 
 
 class _SecretValues:

@@ -28,9 +28,10 @@ from tripo_watchd.errors import (
 )
 from tripo_watchd.formats import Accepted, inspect, kind_for_name
 from tripo_watchd.ledger import LedgerBackend
+from tripo_watchd.metrics import MetricsSink, NullMetrics
 from tripo_watchd.placement import move_into
 from tripo_watchd.protocols import Body, Destination, UploadProtocol
-from tripo_watchd.records import Record
+from tripo_watchd.records import Record, utc_now
 from tripo_watchd.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -92,6 +93,7 @@ class Pipeline:
         dry_run: bool = False,
         stop: threading.Event | None = None,
         sleep: Callable[[float], object] | None = None,
+        metrics: MetricsSink | None = None,
     ) -> None:
         self._settings = settings
         self._ledger = ledger
@@ -100,6 +102,7 @@ class Pipeline:
         self._dry_run = dry_run
         self._stop = stop or threading.Event()
         self._sleep: Callable[[float], object] = sleep or self._stop.wait
+        self._metrics: MetricsSink = metrics or NullMetrics()
 
     def process(self, path: Path) -> Record:
         """Upload, dedupe or reject `path` and return the record written to the ledger.
@@ -250,6 +253,7 @@ class Pipeline:
 
         def log_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
+            self._metrics.retry(type(exc).__name__)
             logger.warning(
                 "upload.retry",
                 attempt=state.attempt_number,
@@ -273,7 +277,9 @@ class Pipeline:
             for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
+                    asked = time.monotonic()
                     destination = self._protocol.destination(accepted.kind, body.size)
+                    self._metrics.token_request(time.monotonic() - asked)
                     self._protocol.send(destination, body)
         except TripoWatchdError as exc:
             exc.attempts = attempts  # type: ignore[attr-defined]
@@ -286,6 +292,7 @@ class Pipeline:
     # -- recording --------------------------------------------------------------------------
 
     def _record(self, record: Record, logger: Any) -> Record:
+        record = replace(record, at=utc_now())
         delay = 0.5
         while not self._dry_run:
             try:

@@ -36,6 +36,10 @@ class S3Settings:
     max_concurrency: int = 4
     allow_insecure_http: bool = False
     ca_bundle: Path | None = None
+    connect_timeout_seconds: float = 10.0
+    read_timeout_seconds: float = 60.0
+    max_bandwidth: str = ""  # "" = no cap; e.g. "20MB/s", shared by all workers
+    progress_log_seconds: float = 5.0  # 0 = no upload.progress events
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,24 @@ class PipelineSettings:
 
 
 @dataclass(frozen=True)
+class HookSettings:
+    """[hooks]: commands run after each outcome, with the ledger record as JSON on stdin."""
+
+    on_uploaded: tuple[str, ...] = ()  # argv list, no shell; () = none
+    on_rejected: tuple[str, ...] = ()
+    timeout_seconds: float = 30.0
+    max_workers: int = 2
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """[metrics]: the Prometheus endpoint."""
+
+    listen: str = ""  # "" = off; e.g. "127.0.0.1:9464"
+    allow_remote: bool = False  # the endpoint has no auth: loopback only unless true
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole configuration; `source` is the file it came from, if any."""
 
@@ -100,4 +122,6 @@ class Settings:
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    hooks: HookSettings = field(default_factory=HookSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: Path | None = None

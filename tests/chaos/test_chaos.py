@@ -172,8 +172,13 @@ def test_chaos_every_file_lands_exactly_once_no_secret_leaks(
             "pipeline": {"max_attempts": 50},
         },
     )
-    log = tmp_path / "daemon.log"
     env = cli_env(TRIPO_WATCHD_STOP_GRACE="10")
+    logs: list[Path] = []
+
+    def start_daemon() -> DaemonProcess:
+        """A fresh daemon with its own log file (readiness is read from that log)."""
+        logs.append(tmp_path / f"daemon-{len(logs)}.log")
+        return DaemonProcess(config, logs[-1], env=env).start()
 
     def uploaded_count() -> int:
         return len(_latest_uploaded(_ledger_lines(ledger)))
@@ -182,7 +187,7 @@ def test_chaos_every_file_lands_exactly_once_no_secret_leaks(
     proxy.set_random_faults(S3_FAULT_RATE, SEED + 1, ("reset", "reset_mid", "slowdown"))
     kill_points = sorted(rng.sample(range(FILES // 10, FILES * 17 // 20), KILLS))
     writer = Writer(inbox, rng, FILES)
-    daemon = DaemonProcess(config, log, env=env).start()
+    daemon = start_daemon()
     writer.start()
     kills = 0
     try:
@@ -192,14 +197,14 @@ def test_chaos_every_file_lands_exactly_once_no_secret_leaks(
             daemon.proc.send_signal(signal.SIGKILL)
             daemon.proc.wait(timeout=10)
             kills += 1
-            daemon = DaemonProcess(config, log, env=env).start()
+            daemon = start_daemon()
         writer.join(timeout=60)
         assert writer.error is None and not writer.is_alive()
         # Faults off; stop cleanly, then one final run drains everything still pending.
         emulator.clear_faults()
         proxy.clear()
         assert daemon.stop() == 0
-        daemon = DaemonProcess(config, log, env=env).start()
+        daemon = start_daemon()
         wanted = {str(p) for p in writer.files}
         wait_for(lambda: wanted <= set(_latest_uploaded(_ledger_lines(ledger))), timeout=90)
         assert daemon.stop() == 0
@@ -235,12 +240,12 @@ def test_chaos_every_file_lands_exactly_once_no_secret_leaks(
     )
     print(summary, flush=True)
 
-    secrets = {api_key} | {t.sts_sk for t in emulator.tokens} | {
-        t.session_token for t in emulator.tokens
-    }
+    secrets = (
+        {api_key} | {t.sts_sk for t in emulator.tokens} | {t.session_token for t in emulator.tokens}
+    )
     secrets.discard("")
     assert len(secrets) > FILES, "IssuedToken must carry sts_sk and session_token"
-    exposed = [log, ledger, ledger.with_name("status.json")]
+    exposed = [*logs, ledger, ledger.with_name("status.json")]
     blobs = {p.name: p.read_bytes() for p in exposed if p.exists()}
     leaks = [
         (name, secret[:6] + "...")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
+import botocore.exceptions
 import botocore.session
-from boto3.s3.transfer import TransferConfig
+from boto3.s3.transfer import ProgressCallbackInvoker, TransferConfig
 from botocore.config import Config
 from botocore.credentials import CredentialProvider, CredentialResolver, Credentials
 from botocore.exceptions import BotoCoreError, ClientError
@@ -21,11 +23,15 @@ from tripo_watchd.errors import (
     NetworkError,
     StorageAccessDenied,
     StorageUnavailable,
+    TlsError,
     TransferError,
 )
+from tripo_watchd.progress import Progress
 from tripo_watchd.protocols import Body
+from tripo_watchd.protocols.tripo_api import untrusted_certificate
 from tripo_watchd.secrets import Secret
 from tripo_watchd.settings import S3Settings
+from tripo_watchd.throttle import ThrottledReader, parse_rate, shared_bandwidth
 
 _AWS_ACCELERATE_HOSTS = {"s3-accelerate.amazonaws.com", "s3-accelerate.dualstack.amazonaws.com"}
 _REGION_IN_HOST = re.compile(
@@ -114,13 +120,16 @@ class _Channel:
             s3_options["use_accelerate_endpoint"] = True
         elif not route.endpoint_url.startswith("https://s3"):
             s3_options["addressing_style"] = "path"
+        if settings.max_bandwidth and (route.endpoint_url or "https").startswith("https"):
+            # Otherwise botocore reads the body twice (hash, then send) and halves the cap.
+            s3_options["payload_signing_enabled"] = False
         config = Config(
             region_name=route.region,
             signature_version="s3v4",
             s3=s3_options,
             retries={"mode": "standard", "max_attempts": 3},
-            connect_timeout=10,
-            read_timeout=60,
+            connect_timeout=settings.connect_timeout_seconds,
+            read_timeout=settings.read_timeout_seconds,
             max_pool_connections=max(2, settings.max_concurrency + 1),
             tcp_keepalive=True,
             request_checksum_calculation="when_required",
@@ -149,7 +158,7 @@ class _Channel:
         self.client.close()
 
 
-def map_s3_error(exc: Exception) -> TransferError | NetworkError:
+def map_s3_error(exc: Exception) -> TransferError | NetworkError | TlsError:
     """The errors.py meaning of a botocore/s3transfer failure (secrets never included)."""
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
@@ -160,6 +169,9 @@ def map_s3_error(exc: Exception) -> TransferError | NetworkError:
         if code in _DENIED_CODES or status == 403:
             return StorageAccessDenied(f"S3 denied the upload ({code or status})")
         return StorageUnavailable(f"S3 failed the upload ({code or status})")
+    if isinstance(exc, botocore.exceptions.SSLError):
+        where = str(exc.kwargs.get("endpoint_url", "S3"))
+        return untrusted_certificate(where, "s3.ca_bundle", exc)
     if isinstance(exc, BotoCoreError):
         return NetworkError(f"could not reach S3: {type(exc).__name__}")
     return StorageUnavailable(f"the S3 transfer failed: {type(exc).__name__}")
@@ -171,6 +183,15 @@ class S3Sender:
     def __init__(self, settings: S3Settings) -> None:
         self._settings = settings
         self._channels: dict[Route, _Channel] = {}
+        rate = settings.max_bandwidth
+        self._bandwidth = shared_bandwidth(parse_rate(rate)) if rate else None
+        self.progress_for: Callable[[Body], Callable[[int], None] | None] = self._log_progress
+
+    def _log_progress(self, body: Body) -> Callable[[int], None] | None:
+        seconds = self._settings.progress_log_seconds
+        if not seconds or body.size < self._settings.multipart_threshold_bytes:
+            return None
+        return Progress(body.size, path=str(body.path), interval_seconds=seconds)
 
     def put(self, route: Route, bucket: str, key: str, creds: StsCredentials, body: Body) -> None:
         """Send `body` to bucket/key; multipart above the threshold; raise from errors.py."""
@@ -178,16 +199,25 @@ class S3Sender:
         if channel is None:
             channel = self._channels[route] = _Channel(self._settings, route)
         channel.credentials.swap(creds)
+        progress = self.progress_for(body)
+        paced = self._bandwidth is not None or progress is not None
         try:
             if body.data is not None:
-                channel.client.put_object(Bucket=bucket, Key=key, Body=body.data)
-                return
-            if body.size < self._settings.multipart_threshold_bytes:
-                with open_for_upload(body) as stream:
-                    channel.client.put_object(Bucket=bucket, Key=key, Body=stream)
+                data: Any = body.data
+                if paced:
+                    data = ThrottledReader(body.data, self._bandwidth, callback=progress)
+                channel.client.put_object(Bucket=bucket, Key=key, Body=data)
                 return
             with open_for_upload(body) as stream:
-                channel.manager().upload(stream, bucket, key).result()
+                if body.size < self._settings.multipart_threshold_bytes:
+                    source: Any = stream
+                    if paced:
+                        source = ThrottledReader(stream, self._bandwidth, callback=progress)
+                    channel.client.put_object(Bucket=bucket, Key=key, Body=source)
+                    return
+                subscribers = [ProgressCallbackInvoker(progress)] if progress else None
+                source = ThrottledReader(stream, self._bandwidth) if self._bandwidth else stream
+                channel.manager().upload(source, bucket, key, subscribers=subscribers).result()
         except (ClientError, BotoCoreError) as exc:
             raise map_s3_error(exc) from exc
         except OSError as exc:

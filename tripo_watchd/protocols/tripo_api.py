@@ -20,6 +20,7 @@ from tripo_watchd.errors import (
     PermissionDenied,
     RateLimited,
     ServerError,
+    TlsError,
 )
 from tripo_watchd.secrets import Secret
 
@@ -99,6 +100,16 @@ def error_for(status: int, body: Any, headers: Mapping[str, str]) -> ApiError | 
     return kind(message, status=status, code=code, trace_id=trace_id)
 
 
+def untrusted_certificate(url: str, setting: str, exc: Exception) -> TlsError:
+    """The error for a TLS handshake that failed verification, saying what to configure."""
+    text = str(exc)
+    detail = "certificate verify failed" if "CERTIFICATE_VERIFY_FAILED" in text else "TLS error"
+    return TlsError(
+        f"the TLS certificate of {url} is not trusted ({detail}); if the server uses a private "
+        f"CA, set {setting} to its PEM file"
+    )
+
+
 class TripoApi:
     """One worker's connection to the Tripo API; `post` returns `data` or raises from errors.py."""
 
@@ -115,8 +126,8 @@ class TripoApi:
         self._timeout = timeout
         self._session = requests.Session()
         self._session.headers["User-Agent"] = f"tripo-watchd/{__version__}"
-        if ca_bundle is not None:
-            self._session.verify = str(ca_bundle)
+        # Passed per request: requests lets REQUESTS_CA_BUNDLE beat Session.verify.
+        self._verify: str | bool = str(ca_bundle) if ca_bundle is not None else True
 
     def request(
         self, method: str, path: str, payload: Mapping[str, Any] | None = None
@@ -126,9 +137,16 @@ class TripoApi:
         headers = {"Authorization": f"Bearer {self._api_key().reveal()}"}
         try:
             response = self._session.request(
-                method, url, json=payload, headers=headers, timeout=self._timeout
+                method,
+                url,
+                json=payload,
+                headers=headers,
+                timeout=self._timeout,
+                verify=self._verify,
             )
             raw = response.content
+        except requests.exceptions.SSLError as exc:
+            raise untrusted_certificate(self.base_url, "api.ca_bundle", exc) from exc
         except requests.Timeout as exc:
             raise NetworkError(f"the Tripo API did not answer within {self._timeout:g} s") from exc
         except requests.RequestException as exc:

@@ -20,7 +20,7 @@ from tripo_watchd.errors import (
 from tripo_watchd.formats import FileKind
 from tripo_watchd.protocols import Body, Destination
 from tripo_watchd.protocols.s3_sender import open_for_upload
-from tripo_watchd.protocols.tripo_api import TripoApi
+from tripo_watchd.protocols.tripo_api import TripoApi, untrusted_certificate
 from tripo_watchd.ratelimit import shared_pacer
 from tripo_watchd.secrets import Secret
 from tripo_watchd.settings import Settings
@@ -88,8 +88,8 @@ class V3Presign:
             ca_bundle=settings.api.ca_bundle,
         )
         self._storage = requests.Session()
-        if settings.s3.ca_bundle is not None:
-            self._storage.verify = str(settings.s3.ca_bundle)
+        ca_bundle = settings.s3.ca_bundle
+        self._verify: str | bool = str(ca_bundle) if ca_bundle is not None else True
         self._pacer = shared_pacer(settings.api.max_uploads_per_minute)
         self._on_secret = on_secret
 
@@ -109,10 +109,16 @@ class V3Presign:
         headers = {"Content-Length": str(body.size)}
         try:
             if body.data is not None:
-                response = self._storage.put(url, data=body.data, headers=headers, timeout=timeout)
+                response = self._storage.put(
+                    url, data=body.data, headers=headers, timeout=timeout, verify=self._verify
+                )
             else:
                 with open_for_upload(body) as stream:
-                    response = self._storage.put(url, data=stream, headers=headers, timeout=timeout)
+                    response = self._storage.put(
+                        url, data=stream, headers=headers, timeout=timeout, verify=self._verify
+                    )
+        except requests.exceptions.SSLError as exc:
+            raise untrusted_certificate(destination.endpoint, "s3.ca_bundle", exc) from exc
         except requests.RequestException as exc:
             raise NetworkError(f"could not reach the upload URL: {type(exc).__name__}") from exc
         if response.status_code in (200, 201, 204):
