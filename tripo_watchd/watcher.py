@@ -16,7 +16,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import structlog
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
@@ -35,6 +47,22 @@ _INOTIFY_HELP = (
     "`sudo sysctl fs.inotify.max_user_watches=524288 fs.inotify.max_user_instances=1024` "
     "and persist them in /etc/sysctl.d/90-tripo-watchd.conf"
 )
+
+
+# Only what readiness needs. Open and read-only-close events would also fire for every directory
+# our own scans open; on 10,000 directories that overflows inotify's queue, and each overflow
+# makes watchdog re-walk the tree, which overflows it again.
+_WANTED_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+]
 
 
 class _Root:
@@ -225,7 +253,10 @@ class Watcher:
             else:
                 try:
                     root.watch = self._observer.schedule(
-                        _Handler(self, root), root.key, recursive=self._settings.recursive
+                        _Handler(self, root),
+                        root.key,
+                        recursive=self._settings.recursive,
+                        event_filter=_WANTED_EVENTS,
                     )
                 except OSError as exc:
                     self._log_native_failure(root, exc)
