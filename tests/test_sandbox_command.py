@@ -12,7 +12,7 @@ from support import cli_env, png_bytes, wait_for
 
 
 def test_sandbox_uploads_a_dropped_file_and_stops_cleanly(tmp_path: Path) -> None:
-    """The sandbox starts the emulator and S3, uploads a file dropped in its inbox, exits 0 on ^C."""
+    """The sandbox starts the emulator and S3, uploads a dropped file, and exits 0 on Ctrl-C."""
     inbox = tmp_path / "tripo-inbox"
     log = tmp_path / "sandbox.log"
     with open(log, "wb") as sink:
