@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import json
 import math
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tripo_watchd.addresses import is_loopback
 from tripo_watchd.errors import ConfigError
 from tripo_watchd.metrics import parse_listen
 from tripo_watchd.secrets import Secret
@@ -396,7 +396,7 @@ def _check_metrics(ctx: _Ctx, v: dict[str, Any]) -> None:
         host, _ = parse_listen(listen)
     except ValueError as e:
         raise ctx.error("metrics.listen", listen, f"is not allowed: {e}") from None
-    if not v.get("allow_remote", False) and not _is_loopback(host):
+    if not v.get("allow_remote", False) and not is_loopback(host):
         raise ctx.error(
             "metrics.listen",
             listen,
@@ -438,7 +438,7 @@ def _check_url(ctx: _Ctx, key: str, url: str, allow_insecure_http: bool) -> str:
         raise ctx.error(key, url, f"is not a valid URL ({e})") from None
     if parts.scheme not in ("http", "https") or not host:
         raise ctx.error(key, url, "is not allowed; use an http(s) URL with a host, https://host/…")
-    if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(host):
+    if parts.scheme == "http" and not allow_insecure_http and not is_loopback(host):
         raise ctx.error(
             key,
             url,
@@ -447,15 +447,6 @@ def _check_url(ctx: _Ctx, key: str, url: str, allow_insecure_http: bool) -> str:
             "use https://",
         )
     return url
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # --- message helpers ----------------------------------------------------------------------

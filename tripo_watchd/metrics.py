@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from tripo_watchd.addresses import is_loopback
 from tripo_watchd.records import Record
 
 OUTCOMES = ("uploaded", "duplicate", "rejected", "failed")
@@ -125,7 +125,7 @@ class Metrics:
         ValueError for a bad or refused address, OSError if the port cannot be bound.
         """
         host, port = parse_listen(listen)
-        if not allow_remote and not _is_loopback(host):
+        if not allow_remote and not is_loopback(host):
             raise ValueError(
                 f"metrics listen address {listen!r} is not a loopback address; the metrics "
                 "endpoint has no authentication, so it listens on 127.0.0.1 or ::1 only "
@@ -179,12 +179,3 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ValueError(f"{listen!r}: the port must be from 0 to 65535")
     return host or "127.0.0.1", port
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -23,6 +23,7 @@ from tripo_watchd.errors import (
     TlsError,
 )
 from tripo_watchd.secrets import Secret
+from tripo_watchd.settings import ApiSettings
 
 log = structlog.get_logger(__name__)
 
@@ -128,6 +129,11 @@ class TripoApi:
         self._session.headers["User-Agent"] = f"tripo-watchd/{__version__}"
         # Passed per request: requests lets REQUESTS_CA_BUNDLE beat Session.verify.
         self._verify: str | bool = str(ca_bundle) if ca_bundle is not None else True
+
+    @classmethod
+    def from_settings(cls, api: ApiSettings, api_key: Callable[[], Secret]) -> TripoApi:
+        """The client `[api]` describes."""
+        return cls(api.base_url, api_key, timeout=api.timeout_seconds, ca_bundle=api.ca_bundle)
 
     def request(
         self, method: str, path: str, payload: Mapping[str, Any] | None = None

@@ -70,12 +70,7 @@ class V2Sts:
         on_secret: Callable[[str], None] = lambda value: None,
     ) -> None:
         self._settings = settings
-        self._api = TripoApi(
-            settings.api.base_url,
-            api_key,
-            timeout=settings.api.timeout_seconds,
-            ca_bundle=settings.api.ca_bundle,
-        )
+        self._api = TripoApi.from_settings(settings.api, api_key)
         self._s3 = S3Sender(settings.s3)
         self._on_secret = on_secret
         self._pacer = shared_pacer(settings.api.max_uploads_per_minute)

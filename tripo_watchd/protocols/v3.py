@@ -81,12 +81,7 @@ class V3Presign:
         on_secret: Callable[[str], None] = lambda value: None,
     ) -> None:
         self._settings = settings
-        self._api = TripoApi(
-            settings.api.base_url,
-            api_key,
-            timeout=settings.api.timeout_seconds,
-            ca_bundle=settings.api.ca_bundle,
-        )
+        self._api = TripoApi.from_settings(settings.api, api_key)
         self._storage = requests.Session()
         ca_bundle = settings.s3.ca_bundle
         self._verify: str | bool = str(ca_bundle) if ca_bundle is not None else True
