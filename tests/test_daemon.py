@@ -259,3 +259,20 @@ def test_dry_run_uploads_nothing(farm):
         (farm.inbox / "a.png").write_bytes(unique_png(12))
         wait_for(lambda: daemon.events("file.would_upload"))
     assert farm.emulator.token_count() == 0 and farm.records() == []
+
+
+def test_rejections_are_recorded_once_not_again_at_each_start(farm, tmp_path):
+    """A rejected file, a FIFO and an escaping symlink are recorded once; a restart adds nothing."""
+    (tmp_path / "elsewhere.png").write_bytes(unique_png(31))
+    (farm.inbox / "escape.png").symlink_to(tmp_path / "elsewhere.png")
+    os.mkfifo(farm.inbox / "pipe.png")
+    (farm.inbox / "notes.txt").write_text("not a model")
+    (farm.inbox / "ok.png").write_bytes(unique_png(32))
+    with farm.daemon():
+        wait_for(lambda: len(farm.records()) == 4)
+    with farm.daemon() as again:
+        wait_for(lambda: again.events("daemon.started"))
+        (farm.inbox / "later.png").write_bytes(unique_png(33))
+        farm.wait_uploaded(2)
+    statuses = sorted(r["status"] for r in farm.records())
+    assert statuses == ["rejected", "rejected", "rejected", "uploaded", "uploaded"]

@@ -286,17 +286,26 @@ class Watcher:
         return any(self._ignore.match(part) for part in rel.split(os.sep) if part)
 
     def _stat_regular(self, path: str) -> os.stat_result | None:
-        """Stat a would-be candidate: a regular file, or a symlink to one inside the roots."""
+        """Stat a would-be candidate; None for directories and vanished paths.
+
+        A regular file (or a symlink to one inside the roots) gives its own stat. A FIFO,
+        socket, device or a symlink out of the roots gives its lstat: it is never read, but the
+        daemon records why it was not uploaded, once (the ledger knows it by that lstat).
+        """
         try:
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                if not self._settings.follow_symlinks_outside and not self._inside_roots(path):
-                    log.debug("file.ignored", path=path, reason="symlink outside the roots")
-                    return None
-                st = os.stat(path)
+            link = os.lstat(path)
+            if stat.S_ISDIR(link.st_mode):
+                return None
+            if not stat.S_ISLNK(link.st_mode):
+                return link
+            if not self._settings.follow_symlinks_outside and not self._inside_roots(path):
+                return link
+            st = os.stat(path)
         except OSError:
             return None
-        return st if stat.S_ISREG(st.st_mode) else None
+        if stat.S_ISREG(st.st_mode):
+            return st
+        return None if stat.S_ISDIR(st.st_mode) else link
 
     def _inside_roots(self, path: str) -> bool:
         target = os.path.realpath(path)
@@ -320,6 +329,8 @@ class Watcher:
         st = self._stat_regular(path)
         if st is None or self._is_known(Path(path), st):
             return
+        if not stat.S_ISREG(st.st_mode):
+            closed = True  # never written through here: only waits to be rejected
         if not closed and (st.st_nlink > 1 or os.path.islink(path)):
             closed = True  # a new link is complete the moment it exists: no close will come
         with self._cv:
@@ -410,7 +421,7 @@ class Watcher:
             if entry.is_dir(follow_symlinks=False):
                 if recursive and not (known_dirs and entry.path in root.dirs):
                     stack.append(entry.path)
-            elif entry.is_file(follow_symlinks=False) or entry.is_symlink():
+            else:  # files, symlinks, and FIFOs/sockets/devices (recorded as rejected)
                 self._consider(root, entry.path, closed=True, how="scan")
         except OSError:
             pass

@@ -115,7 +115,7 @@ class _Channel:
         core.register_component(
             "credential_provider", CredentialResolver([_FixedProvider(self.credentials)])
         )
-        s3_options: dict[str, Any] = {}
+        s3_options: Any = {}
         if route.endpoint_url is None:
             s3_options["use_accelerate_endpoint"] = True
         elif not route.endpoint_url.startswith("https://s3"):

@@ -494,7 +494,8 @@ class TripoEmulator:
         request = AWSRequest(method="PUT", url=url)
         credentials = Credentials(self.s3.admin_access_key, self.s3.admin_secret_key)
         S3SigV4QueryAuth(credentials, "s3", self.s3.region, expires=expires_in).add_auth(request)
-        signed: str = request.url
+        signed = request.url
+        assert signed is not None
         return signed
 
     def _control(self, method: str, path: str, body: bytes) -> _Reply:

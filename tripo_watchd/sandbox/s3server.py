@@ -195,7 +195,8 @@ class S3Server:
         secret_key: str,
         session_token: str | None = None,
     ) -> Any:
-        return boto3.session.Session().client(
+        session: Any = boto3.session.Session()
+        return session.client(
             service,
             endpoint_url=self.endpoint_url,
             region_name=self.region,
