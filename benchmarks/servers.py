@@ -176,6 +176,11 @@ def main() -> int:
                 print(json.dumps(proxy.figures()), flush=True)
             elif command == "conns":
                 print(json.dumps(proxy.figures()), flush=True)
+            elif command.startswith("creds "):
+                # Credentials for a key pattern (e.g. `bench-aws/*`): what a baseline that cannot
+                # ask a token per file uses. Same actions as a Tripo token, broader resource.
+                creds = s3.mint_credentials(s3.bucket, command.split(None, 1)[1])
+                print(json.dumps(creds), flush=True)
             elif command == "tokens":
                 print(json.dumps({"tokens": emulator.token_count()}), flush=True)
             else:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -274,3 +278,30 @@ def test_ledger_command_filters_by_status(setup):
     assert result.returncode == 0
     (record,) = records_of(result.stdout)
     assert record["path"] == str(bad)
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux `script` for a pty")
+def test_upload_on_a_terminal_draws_a_progress_bar(setup, emulator):
+    """On a TTY, `upload` shows a progress line per file that reaches 100 %."""
+    tmp_path, _, _ = setup
+    path = put(tmp_path, "big.glb", glb_bytes(3 * 1024 * 1024))
+    command = shlex.join(
+        [
+            sys.executable,
+            "-m",
+            "tripo_watchd.cli",
+            "upload",
+            "--config",
+            str(tmp_path / "cfg.toml"),
+            str(path),
+        ]
+    )
+    result = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout
+    assert "big.glb [" in result.stdout and "100.0%" in result.stdout

@@ -130,12 +130,25 @@ def _cmd_upload(args: argparse.Namespace) -> int:
     if not args.dry_run:
         register_secret(key().reveal(), pinned=True)
     ledger = JsonlLedger(settings.ledger.path)
-    protocol = make_protocol(settings, key, register_secret)
+    bars: list[Any] = []
+
+    def progress_bar(body: Any) -> Any:
+        from tripo_watchd.progress import TerminalBar
+
+        bar = TerminalBar(sys.stderr, body.size, label=body.path.name)
+        bars.append(bar)
+        return bar
+
+    progress = progress_bar if sys.stderr.isatty() else None
+    protocol = make_protocol(settings, key, register_secret, progress)
     pipeline = Pipeline(settings, ledger, protocol, dry_run=args.dry_run, stop=threading.Event())
     worst = EXIT_OK
     try:
         for path in args.files:
             record = pipeline.process(path)
+            for bar in bars:
+                bar.finish()
+            bars.clear()
             print(record.to_json(), flush=True)
             if record.status in ("rejected", "failed"):
                 worst = EXIT_SOME_FAILED

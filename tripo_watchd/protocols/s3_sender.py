@@ -27,11 +27,11 @@ from tripo_watchd.errors import (
     TransferError,
 )
 from tripo_watchd.progress import Progress
-from tripo_watchd.protocols import Body
+from tripo_watchd.protocols import Body, ProgressFactory
 from tripo_watchd.protocols.tripo_api import untrusted_certificate
 from tripo_watchd.secrets import Secret
 from tripo_watchd.settings import S3Settings
-from tripo_watchd.throttle import ThrottledReader, parse_rate, shared_bandwidth
+from tripo_watchd.throttle import Bandwidth, ThrottledReader, parse_rate, shared_bandwidth
 
 _AWS_ACCELERATE_HOSTS = {"s3-accelerate.amazonaws.com", "s3-accelerate.dualstack.amazonaws.com"}
 _REGION_IN_HOST = re.compile(
@@ -180,12 +180,11 @@ def map_s3_error(exc: Exception) -> TransferError | NetworkError | TlsError:
 class S3Sender:
     """One worker's S3 side: a client per route, reused for every file that worker sends."""
 
-    def __init__(self, settings: S3Settings) -> None:
+    def __init__(self, settings: S3Settings, progress_for: ProgressFactory | None = None) -> None:
         self._settings = settings
         self._channels: dict[Route, _Channel] = {}
-        rate = settings.max_bandwidth
-        self._bandwidth = shared_bandwidth(parse_rate(rate)) if rate else None
-        self.progress_for: Callable[[Body], Callable[[int], None] | None] = self._log_progress
+        self._bandwidth = bandwidth_for(settings)
+        self.progress_for: ProgressFactory = progress_for or self._log_progress
 
     def _log_progress(self, body: Body) -> Callable[[int], None] | None:
         seconds = self._settings.progress_log_seconds
@@ -227,6 +226,12 @@ class S3Sender:
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()
+
+
+def bandwidth_for(settings: S3Settings) -> Bandwidth | None:
+    """The process-wide bandwidth bucket `s3.max_bandwidth` asks for, if any."""
+    rate = settings.max_bandwidth
+    return shared_bandwidth(parse_rate(rate)) if rate else None
 
 
 def open_for_upload(body: Body) -> Any:

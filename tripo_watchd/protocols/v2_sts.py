@@ -8,7 +8,7 @@ from typing import Any
 
 from tripo_watchd.errors import MalformedResponse
 from tripo_watchd.formats import FileKind
-from tripo_watchd.protocols import Body, Destination
+from tripo_watchd.protocols import Body, Destination, ProgressFactory
 from tripo_watchd.protocols.s3_sender import Route, S3Sender, StsCredentials, choose_route
 from tripo_watchd.protocols.tripo_api import TripoApi
 from tripo_watchd.ratelimit import shared_pacer
@@ -68,10 +68,11 @@ class V2Sts:
         settings: Settings,
         api_key: Callable[[], Secret],
         on_secret: Callable[[str], None] = lambda value: None,
+        progress_for: ProgressFactory | None = None,
     ) -> None:
         self._settings = settings
         self._api = TripoApi.from_settings(settings.api, api_key)
-        self._s3 = S3Sender(settings.s3)
+        self._s3 = S3Sender(settings.s3, progress_for)
         self._on_secret = on_secret
         self._pacer = shared_pacer(settings.api.max_uploads_per_minute)
 

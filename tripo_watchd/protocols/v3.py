@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,12 +19,13 @@ from tripo_watchd.errors import (
     StorageUnavailable,
 )
 from tripo_watchd.formats import FileKind
-from tripo_watchd.protocols import Body, Destination
-from tripo_watchd.protocols.s3_sender import open_for_upload
+from tripo_watchd.protocols import Body, Destination, ProgressFactory
+from tripo_watchd.protocols.s3_sender import bandwidth_for, open_for_upload
 from tripo_watchd.protocols.tripo_api import TripoApi, untrusted_certificate
 from tripo_watchd.ratelimit import shared_pacer
 from tripo_watchd.secrets import Secret
 from tripo_watchd.settings import Settings
+from tripo_watchd.throttle import ThrottledReader
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class V3Presign:
         settings: Settings,
         api_key: Callable[[], Secret],
         on_secret: Callable[[str], None] = lambda value: None,
+        progress_for: ProgressFactory | None = None,
     ) -> None:
         self._settings = settings
         self._api = TripoApi.from_settings(settings.api, api_key)
@@ -87,6 +90,8 @@ class V3Presign:
         self._verify: str | bool = str(ca_bundle) if ca_bundle is not None else True
         self._pacer = shared_pacer(settings.api.max_uploads_per_minute)
         self._on_secret = on_secret
+        self._bandwidth = bandwidth_for(settings.s3)
+        self._progress_for = progress_for or (lambda body: None)
 
     def destination(self, kind: FileKind, size: int) -> PresignedDestination:
         self._pacer.acquire()
@@ -102,16 +107,17 @@ class V3Presign:
         url = destination.upload_url.reveal()
         timeout = (10.0, max(60.0, self._settings.api.timeout_seconds))
         headers = {"Content-Length": str(body.size)}
+        progress = self._progress_for(body)
         try:
-            if body.data is not None:
+            with contextlib.ExitStack() as stack:
+                source: Any = body.data
+                if source is None:
+                    source = stack.enter_context(open_for_upload(body))
+                if self._bandwidth is not None or progress is not None:
+                    source = ThrottledReader(source, self._bandwidth, callback=progress)
                 response = self._storage.put(
-                    url, data=body.data, headers=headers, timeout=timeout, verify=self._verify
+                    url, data=source, headers=headers, timeout=timeout, verify=self._verify
                 )
-            else:
-                with open_for_upload(body) as stream:
-                    response = self._storage.put(
-                        url, data=stream, headers=headers, timeout=timeout, verify=self._verify
-                    )
         except requests.exceptions.SSLError as exc:
             raise untrusted_certificate(destination.endpoint, "s3.ca_bundle", exc) from exc
         except requests.RequestException as exc:

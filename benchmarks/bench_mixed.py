@@ -1,0 +1,229 @@
+"""2,000 files of mixed sizes: the daemon (drop into the inbox, wait for the ledger) vs
+`aws s3 cp --recursive` of the same folder with one set of bucket-prefix credentials."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import (
+    Daemon,
+    Servers,
+    aws_env,
+    glb_bytes,
+    machine,
+    proc_cpu_seconds,
+    run_child,
+    s5cmd_binary,
+    verdict,
+    write_big_glb,
+    write_config,
+)
+
+KIB, MIB = 1024, 1024 * 1024
+
+
+def sizes(count: int, seed: int) -> list[int]:
+    """A seeded mix, 1 KiB … 64 MiB: ~97 % small (1–256 KiB, log-uniform), ~2.5 % 1–8 MiB,
+    and a handful of 16–64 MiB files (one is exactly 64 MiB); every size 4-byte aligned."""
+    rng = random.Random(seed)
+    out = []
+    big = max(1, count // 400)  # 5 for 2,000
+    medium = max(1, count // 40)  # 50 for 2,000
+    for _ in range(count - big - medium):
+        out.append(int(2 ** rng.uniform(10, 18)))
+    for _ in range(medium):
+        out.append(int(2 ** rng.uniform(20, 23)))
+    for n in range(big):
+        out.append(64 * MIB if n == 0 else int(2 ** rng.uniform(24, 26)))
+    rng.shuffle(out)
+    return [max(KIB, s - s % 4) for s in out]
+
+
+def make_folder(folder: Path, plan: list[int]) -> None:
+    for n, size in enumerate(plan):
+        sub = folder / f"d{n % 20:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        path = sub / f"m{n:05d}.glb"
+        if size > 4 * MIB:
+            write_big_glb(path, size, seed=n)
+        else:
+            path.write_bytes(glb_bytes(n, size))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--files", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--workers", type=int, default=8, help="daemon workers = aws requests")
+    parser.add_argument("--chunk-mib", type=int, default=16)
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args(argv)
+    plan = sizes(args.files, args.seed)
+    total = sum(plan)
+    print(f"machine: {machine()}")
+    print(
+        f"{len(plan)} files, {total / MIB:.0f} MiB in all (seed {args.seed}): "
+        f"{sum(s < MIB for s in plan)} < 1 MiB, {sum(MIB <= s < 16 * MIB for s in plan)} "
+        f"1–16 MiB, {sum(s >= 16 * MIB for s in plan)} ≥ 16 MiB "
+        f"(largest {max(plan) / MIB:.0f} MiB)",
+        flush=True,
+    )
+    results: dict[str, tuple[float, float, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="tripo-bench-mixed-") as tmp:
+        root = Path(tmp)
+        data = root / "data"
+        make_folder(data, plan)
+        inbox = root / "inbox"
+        inbox.mkdir()
+        with Servers(root / "servers") as servers:
+            endpoint = servers.s3_proxy
+            # -- the baseline: one credential set for the prefix, aws s3 cp --recursive ------
+            creds = servers.command("creds bench-aws/*")
+            env = aws_env(
+                servers,
+                root / "aws",
+                {
+                    "access_key": creds["AccessKeyId"],
+                    "secret_key": creds["SecretAccessKey"],
+                    "session_token": creds["SessionToken"],
+                },
+                args.chunk_mib,
+                args.workers,
+            )
+            srv0 = servers.cpu_seconds()
+            wall, cpu, _ = run_child(
+                [
+                    sys.executable,
+                    "-m",
+                    "awscli",
+                    "s3",
+                    "cp",
+                    "--recursive",
+                    "--only-show-errors",
+                    "--endpoint-url",
+                    endpoint,
+                    str(data),
+                    f"s3://{servers.bucket}/bench-aws/",
+                ],
+                env,
+            )
+            results["aws s3 cp --recursive"] = (wall, cpu, servers.cpu_seconds() - srv0)
+            print(f"  aws s3 cp --recursive: {wall:.1f} s", flush=True)
+            s5cmd = s5cmd_binary()
+            if s5cmd:
+                creds = servers.command("creds bench-s5/*")
+                env5 = dict(env)
+                env5.update(
+                    AWS_ACCESS_KEY_ID=creds["AccessKeyId"],
+                    AWS_SECRET_ACCESS_KEY=creds["SecretAccessKey"],
+                    AWS_SESSION_TOKEN=creds["SessionToken"],
+                )
+                srv0 = servers.cpu_seconds()
+                wall, cpu, _ = run_child(
+                    [
+                        s5cmd,
+                        "--endpoint-url",
+                        endpoint,
+                        "--numworkers",
+                        str(args.workers),
+                        "cp",
+                        "--concurrency",
+                        "4",
+                        "--part-size",
+                        str(args.chunk_mib),
+                        f"{data}/",
+                        f"s3://{servers.bucket}/bench-s5/",
+                    ],
+                    env5,
+                )
+                results["s5cmd cp"] = (wall, cpu, servers.cpu_seconds() - srv0)
+                print(f"  s5cmd cp: {wall:.1f} s", flush=True)
+
+            # -- the daemon: one token per file ------------------------------------------------
+            config = write_config(
+                root / "cfg",
+                servers,
+                [inbox],
+                {
+                    "s3": {
+                        "endpoint_url": endpoint,
+                        "multipart_threshold_bytes": args.chunk_mib * MIB,
+                        "multipart_chunk_bytes": args.chunk_mib * MIB,
+                        "progress_log_seconds": 0,
+                    },
+                    "workers": {"count": args.workers},
+                },
+            )
+            with Daemon(config, root / "daemon.log") as daemon:
+                daemon.wait_event("daemon.started", timeout=120)
+                time.sleep(0.5)
+                srv0 = servers.cpu_seconds()
+                cpu0 = proc_cpu_seconds(daemon.pid)
+                t0 = time.perf_counter()
+                data.rename(inbox / "data")  # the whole folder lands at once
+                done = outcomes(daemon, args.files, args.timeout)
+                wall = time.perf_counter() - t0
+                cpu = proc_cpu_seconds(daemon.pid) - cpu0
+                srv = servers.cpu_seconds() - srv0
+            results["tripo-watchd (daemon)"] = (wall, cpu, srv)
+            print(f"  tripo-watchd: {wall:.1f} s, outcomes {json.dumps(done)}", flush=True)
+            tokens = servers.command("tokens")["tokens"]
+    report(results, len(plan), total, tokens, done)
+    return 0
+
+
+def outcomes(daemon: Daemon, want: int, timeout: float) -> dict[str, int]:
+    names = ("file.uploaded", "file.rejected", "file.failed")
+    counts = dict.fromkeys(names, 0)
+    deadline = time.monotonic() + timeout
+    while sum(counts.values()) < want:
+        for event in daemon.new_events():
+            if event.get("event") in counts:
+                counts[event["event"]] += 1
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {counts} after {timeout} s; see {daemon.log}")
+        if daemon.proc is not None and daemon.proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited; see {daemon.log}")
+        time.sleep(0.05)
+    return counts
+
+
+def report(
+    results: dict[str, tuple[float, float, float]],
+    files: int,
+    total: int,
+    tokens: int,
+    done: dict[str, int],
+) -> None:
+    print(
+        f"\n{'tool':<26}{'wall s':>8}{'files/s':>9}{'MiB/s':>8}{'client CPU s':>14}"
+        f"{'CPU ms/file':>13}{'server CPU s':>14}"
+    )
+    for name, (wall, cpu, srv) in results.items():
+        print(
+            f"{name:<26}{wall:>8.1f}{files / wall:>9.1f}{total / MIB / wall:>8.1f}{cpu:>14.2f}"
+            f"{1000 * cpu / files:>13.2f}{srv:>14.1f}"
+        )
+    ours = results["tripo-watchd (daemon)"]
+    base = results["aws s3 cp --recursive"]
+    ratio = ours[0] / base[0]
+    print(
+        f"\ntripo-watchd / aws s3 cp --recursive wall time: {ratio:.2f}×  "
+        f"(goal ≤ 1.0×: {verdict(ratio <= 1.0)})"
+    )
+    print(f"tripo-watchd / aws s3 cp --recursive client CPU: {ours[1] / base[1]:.2f}×")
+    print(f"daemon outcomes: {done}; STS tokens minted: {tokens} (aws: 1 credential set)")
+    print(
+        f"server CPU per file — daemon {1000 * ours[2] / files:.1f} ms (moto mints a token: 3 "
+        f"IAM/STS calls), aws {1000 * base[2] / files:.1f} ms: moto is the ceiling"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
