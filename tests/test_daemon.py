@@ -26,7 +26,15 @@ from tripo_watchd.sandbox import Fault, S3Server, TripoEmulator
 class Farm:
     """A watched inbox, its config and ledger, and a way to start the daemon on them."""
 
-    def __init__(self, tmp_path: Path, emulator: TripoEmulator, s3: S3Server, api_key: str):
+    def __init__(
+        self,
+        tmp_path: Path,
+        emulator: TripoEmulator,
+        s3: S3Server,
+        api_key: str,
+        protocol: str = "v2-sts",
+    ):
+        self.protocol = protocol
         self.tmp = tmp_path
         self.inbox = tmp_path / "inbox"
         self.inbox.mkdir()
@@ -37,12 +45,18 @@ class Farm:
         self.configure()
 
     def configure(self, **sections: dict) -> Path:
-        merged = {"watch": {"settle_seconds": 0.2, "rescan_seconds": 0}, "workers": {"count": 4}}
+        merged = {
+            "api": {"protocol": self.protocol},
+            "watch": {"settle_seconds": 0.2, "rescan_seconds": 0},
+            "workers": {"count": 4},
+        }
         for name, values in sections.items():
             merged.setdefault(name, {}).update(values)
         return write_config(
             self.tmp / "cfg.toml",
-            api_base_url=self.emulator.base_url,
+            api_base_url=(
+                self.emulator.v3_base_url if self.protocol == "v3" else self.emulator.base_url
+            ),
             s3_endpoint_url=self.s3.endpoint_url,
             ledger=self.ledger,
             key_file=self.key_file,
@@ -52,6 +66,19 @@ class Farm:
 
     def daemon(self, *args: str) -> DaemonProcess:
         return DaemonProcess(self.tmp / "cfg.toml", self.tmp / "daemon.log", *args)
+
+    def stored(self, record: dict) -> bytes:
+        """The bytes S3 holds for a record, whichever protocol wrote it."""
+        if record.get("protocol") == "v3":
+            bucket, key = self.emulator.file_tokens[record["file_token"]]
+            return self.s3.object_bytes(key, bucket)
+        return self.s3.object_bytes(record["key"])
+
+    def grants(self) -> int:
+        """Upload grants the API handed out: STS tokens (v2) or presigned URLs (v3)."""
+        if self.protocol == "v3":
+            return len(self.emulator.file_tokens)
+        return self.emulator.token_count()
 
     def records(self, status: str | None = None) -> list[dict]:
         return [r for r in read_ledger(self.ledger) if status is None or r["status"] == status]
@@ -69,14 +96,24 @@ def farm(tmp_path, emulator, s3_server, api_key) -> Farm:
     return Farm(tmp_path, emulator, s3_server, api_key)
 
 
-def test_file_created_in_place_is_uploaded_once(farm):
+both_protocols = pytest.mark.parametrize("protocol", ["v2-sts", "v3"])
+
+
+@pytest.fixture
+def any_farm(tmp_path, emulator, s3_server, api_key, protocol) -> Farm:
+    """A farm on the protocol the test is parametrised with."""
+    return Farm(tmp_path, emulator, s3_server, api_key, protocol)
+
+
+@both_protocols
+def test_file_created_in_place_is_uploaded_once(any_farm):
     """A PNG written into the inbox reaches S3 byte for byte, recorded once."""
-    with farm.daemon():
+    with any_farm.daemon():
         data = png_bytes(100, 100)
-        (farm.inbox / "a.png").write_bytes(data)
-        (record,) = farm.wait_uploaded(1)
-        assert farm.s3.object_bytes(record["key"]) == data
-    assert len(farm.records()) == 1 and farm.emulator.token_count() == 1
+        (any_farm.inbox / "a.png").write_bytes(data)
+        (record,) = any_farm.wait_uploaded(1)
+        assert any_farm.stored(record) == data
+    assert len(any_farm.records()) == 1 and any_farm.grants() == 1
 
 
 def test_slow_writer_is_uploaded_once_complete(farm):
@@ -90,30 +127,31 @@ def test_slow_writer_is_uploaded_once_complete(farm):
                 time.sleep(0.5)  # the writer's pace, not synchronisation
             sink.write(data[200_000:])
         (record,) = farm.wait_uploaded(1)
-        assert farm.s3.object_bytes(record["key"]) == data
+        assert farm.stored(record) == data
         assert farm.emulator.token_count() == 1
 
 
-def test_renamed_into_place_and_moved_in_and_nested_dirs(farm, tmp_path):
+@both_protocols
+def test_renamed_into_place_and_moved_in_and_nested_dirs(any_farm, tmp_path):
     """Rename from .part, a move from outside, mkdir -p + write, and a moved-in tree all arrive."""
     outside = tmp_path / "outside"
     (outside / "tree" / "deeper").mkdir(parents=True)
     for n in range(5):
         (outside / "tree" / "deeper" / f"t{n}.png").write_bytes(unique_png(1000 + n))
     (outside / "moved.png").write_bytes(unique_png(2000))
-    with farm.daemon():
-        part = farm.inbox / "download.png.part"
+    with any_farm.daemon():
+        part = any_farm.inbox / "download.png.part"
         part.write_bytes(unique_png(3000))
-        part.rename(farm.inbox / "download.png")
-        shutil.move(str(outside / "moved.png"), farm.inbox / "moved.png")
-        nested = farm.inbox / "a" / "b"
+        part.rename(any_farm.inbox / "download.png")
+        shutil.move(str(outside / "moved.png"), any_farm.inbox / "moved.png")
+        nested = any_farm.inbox / "a" / "b"
         nested.mkdir(parents=True)
         (nested / "n.png").write_bytes(unique_png(4000))
-        shutil.move(str(outside / "tree"), farm.inbox / "tree")
-        farm.wait_uploaded(8)
-    names = sorted(Path(p).name for p in farm.uploaded_paths())
+        shutil.move(str(outside / "tree"), any_farm.inbox / "tree")
+        any_farm.wait_uploaded(8)
+    names = sorted(Path(p).name for p in any_farm.uploaded_paths())
     assert names == sorted(["download.png", "moved.png", "n.png"] + [f"t{n}.png" for n in range(5)])
-    assert not [r for r in farm.records() if r["path"].endswith(".part")]
+    assert not [r for r in any_farm.records() if r["path"].endswith(".part")]
 
 
 def test_ignored_names_are_never_uploaded(farm):
@@ -128,29 +166,31 @@ def test_ignored_names_are_never_uploaded(farm):
     assert [Path(r["path"]).name for r in farm.records()] == ["real.png"]
 
 
-def test_modified_after_upload_is_uploaded_again(farm):
+@both_protocols
+def test_modified_after_upload_is_uploaded_again(any_farm):
     """A file changed after its upload is uploaded again with its new content."""
-    path = farm.inbox / "a.png"
-    with farm.daemon():
+    path = any_farm.inbox / "a.png"
+    with any_farm.daemon():
         path.write_bytes(unique_png(1))
-        farm.wait_uploaded(1)
+        any_farm.wait_uploaded(1)
         path.write_bytes(unique_png(2, 40, 40))
-        second = farm.wait_uploaded(2)[1]
-        assert farm.s3.object_bytes(second["key"]) == path.read_bytes()
+        second = any_farm.wait_uploaded(2)[1]
+        assert any_farm.stored(second) == path.read_bytes()
 
 
-def test_catch_up_uploads_what_arrived_while_down_and_skips_what_is_done(farm):
+@both_protocols
+def test_catch_up_uploads_what_arrived_while_down_and_skips_what_is_done(any_farm):
     """Files that arrived while the daemon was stopped are uploaded at start; done ones are not."""
-    (farm.inbox / "first.png").write_bytes(unique_png(1))
-    with farm.daemon():
-        farm.wait_uploaded(1)
-    (farm.inbox / "second.png").write_bytes(unique_png(2))
-    (farm.inbox / "sub").mkdir()
-    (farm.inbox / "sub" / "third.glb").write_bytes(glb_bytes())
-    with farm.daemon():
-        farm.wait_uploaded(3)
-    assert farm.emulator.token_count() == 3
-    assert len(farm.records()) == 3
+    (any_farm.inbox / "first.png").write_bytes(unique_png(1))
+    with any_farm.daemon():
+        any_farm.wait_uploaded(1)
+    (any_farm.inbox / "second.png").write_bytes(unique_png(2))
+    (any_farm.inbox / "sub").mkdir()
+    (any_farm.inbox / "sub" / "third.glb").write_bytes(glb_bytes())
+    with any_farm.daemon():
+        any_farm.wait_uploaded(3)
+    assert any_farm.grants() == 3
+    assert len(any_farm.records()) == 3
 
 
 def test_poll_mode_and_rescan_find_files_without_events(farm):
@@ -162,16 +202,18 @@ def test_poll_mode_and_rescan_find_files_without_events(farm):
         assert "poll" in str(daemon.events("daemon.started")[0]["modes"])
 
 
-def test_content_dedupe_records_a_pointer_to_the_first_upload(farm):
+@both_protocols
+def test_content_dedupe_records_a_pointer_to_the_first_upload(any_farm):
     """A second copy of already-uploaded content is recorded as a duplicate, not sent again."""
     data = unique_png(42)
-    with farm.daemon():
-        (farm.inbox / "one.png").write_bytes(data)
-        farm.wait_uploaded(1)
-        (farm.inbox / "two.png").write_bytes(data)
-        one, two = farm.wait_uploaded(2)
-    assert two["duplicate_of"] == one["path"] and two["key"] == one["key"]
-    assert farm.emulator.token_count() == 1
+    with any_farm.daemon():
+        (any_farm.inbox / "one.png").write_bytes(data)
+        any_farm.wait_uploaded(1)
+        (any_farm.inbox / "two.png").write_bytes(data)
+        one, two = any_farm.wait_uploaded(2)
+    assert two["duplicate_of"] == one["path"]
+    assert two.get("key") == one.get("key") and two.get("file_token") == one.get("file_token")
+    assert any_farm.grants() == 1
 
 
 def test_after_upload_move_never_overwrites(farm, tmp_path):
@@ -239,18 +281,19 @@ def test_sigterm_finishes_in_flight_and_exits_0(farm):
     assert len(farm.uploaded_paths()) == 4 and done <= set(farm.uploaded_paths())
 
 
-def test_revoked_key_pauses_then_resumes_when_the_key_file_changes(farm, api_key):
+@both_protocols
+def test_revoked_key_pauses_then_resumes_when_the_key_file_changes(any_farm, api_key):
     """A 401 pauses uploads with one clear error and marks nothing failed; a new key resumes."""
-    with farm.daemon() as daemon:
-        farm.emulator.api_keys.clear()
-        (farm.inbox / "a.png").write_bytes(unique_png(11))
+    with any_farm.daemon() as daemon:
+        any_farm.emulator.api_keys.clear()
+        (any_farm.inbox / "a.png").write_bytes(unique_png(11))
         wait_for(lambda: daemon.events("auth.failed"))
-        assert farm.records() == []
-        farm.emulator.api_keys.add("tsk_new_key")
-        write_key(farm.key_file, "tsk_new_key")
-        farm.wait_uploaded(1)
+        assert any_farm.records() == []
+        any_farm.emulator.api_keys.add("tsk_new_key")
+        write_key(any_farm.key_file, "tsk_new_key")
+        any_farm.wait_uploaded(1)
         assert len(daemon.events("auth.failed")) == 1
-    assert farm.records("failed") == []
+    assert any_farm.records("failed") == []
 
 
 def test_dry_run_uploads_nothing(farm):
