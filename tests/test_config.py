@@ -440,3 +440,18 @@ def test_key_path_through_a_file_is_an_error(tmp_path: Path) -> None:
     path.parent.write_text("x", encoding="utf-8")
     with pytest.raises(ConfigError, match=re.escape(str(path))):
         load_api_key(ApiSettings(api_key_file=path), {})
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [("ledger", "path"), ("pipeline", "done_dir"), ("pipeline", "rejected_dir")],
+)
+def test_daemon_output_inside_a_watched_folder_is_refused(tmp_path: Path, section, key) -> None:
+    """A ledger, done_dir or rejected_dir inside watch.paths is refused: it would upload itself."""
+    inbox = tmp_path / "inbox"
+    value = str(inbox / "state" / "ledger.jsonl") if key == "path" else str(inbox / "done")
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"watch": {"paths": [str(inbox)]}, section: {key: value}}, None)
+    assert f"{section}.{key}" in str(caught.value) and "inside the watched folder" in str(
+        caught.value
+    )

@@ -247,7 +247,32 @@ def _parse(data: Mapping[str, Any], source: Path | None, name: str) -> Settings:
         if not isinstance(raw, Mapping):
             raise ctx.error(section, raw, f"has the wrong type; [{section}] must be a table")
         built[section] = _build_section(ctx, section, cls, raw)
-    return Settings(**built, source=source)
+    settings = Settings(**built, source=source)
+    _check_outside_watched(ctx, settings)
+    return settings
+
+
+def _check_outside_watched(ctx: _Ctx, settings: Settings) -> None:
+    """The daemon's own output must not land in a watched folder, or it would upload itself."""
+    roots = [Path(os.path.abspath(p)) for p in settings.watch.paths]
+    own = {
+        "ledger.path": settings.ledger.path.parent,
+        "pipeline.done_dir": settings.pipeline.done_dir,
+        "pipeline.rejected_dir": settings.pipeline.rejected_dir,
+    }
+    for key, folder in own.items():
+        if folder is None:
+            continue
+        folder = Path(os.path.abspath(folder))
+        for root in roots:
+            inside = folder == root or folder.is_relative_to(root)
+            if inside and (settings.watch.recursive or folder == root):
+                raise ctx.error(
+                    key,
+                    str(folder),
+                    f"is inside the watched folder {root}; the daemon would pick up its own "
+                    "files. Use a folder outside watch.paths",
+                )
 
 
 def _build_section(ctx: _Ctx, section: str, cls: type[Any], raw: Mapping[str, Any]) -> Any:
