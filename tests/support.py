@@ -65,7 +65,14 @@ def write_key(path: Path, key: str) -> Path:
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIPO_", "AWS_"))}
-    env.update({"PYTHONUNBUFFERED": "1", "TRIPO_WATCHD_AUTH_RETRY_SECONDS": "1"})
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "TRIPO_WATCHD_AUTH_RETRY_SECONDS": "1",
+            # Hermetic: no personal config or key file of the machine's user is picked up.
+            "XDG_CONFIG_HOME": "/nonexistent/tripo-watchd-tests",
+        }
+    )
     env.update(extra)
     return env
 

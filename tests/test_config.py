@@ -455,3 +455,25 @@ def test_daemon_output_inside_a_watched_folder_is_refused(tmp_path: Path, sectio
     assert f"{section}.{key}" in str(caught.value) and "inside the watched folder" in str(
         caught.value
     )
+
+
+def test_ledger_defaults_to_systemds_state_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under systemd's StateDirectory= the ledger goes there without any config."""
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/tripo-watchd")
+    assert Settings().ledger.path == Path("/var/lib/tripo-watchd/ledger.jsonl")
+
+
+def test_config_and_key_are_found_in_the_users_config_dir(tmp_path: Path) -> None:
+    """With no --config, ~/.config/tripo-watchd/config.toml and its api-key file are used."""
+    from tripo_watchd.config import default_config_path
+
+    home = tmp_path / "xdg" / "tripo-watchd"
+    home.mkdir(parents=True)
+    environ = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    assert default_config_path(environ) in (None, Path("/etc/tripo-watchd/config.toml"))
+    (home / "config.toml").write_text("[workers]\ncount = 2\n")
+    assert default_config_path(environ) == home / "config.toml"
+    (home / "api-key").write_text("tsk_personal\n")
+    (home / "api-key").chmod(0o600)
+    key = load_api_key(ApiSettings(), environ)
+    assert key is not None and key.reveal() == "tsk_personal"

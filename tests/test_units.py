@@ -120,5 +120,5 @@ def test_units_agree_on_lifecycle() -> None:
         assert found["ExecReload"] == ["/bin/kill -HUP $MAINPID"], unit
         assert found["Restart"] == ["on-failure"], unit
         assert found["WatchdogSec"] == ["60"], unit
-        assert " run --config " in found["ExecStart"][0], unit
+        assert found["ExecStart"][0].split()[1] == "run", unit
         assert found["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"], unit

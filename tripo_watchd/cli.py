@@ -35,7 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str, config: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         if config:
-            sub.add_argument("--config", "-c", type=Path, help="TOML configuration file")
+            sub.add_argument(
+                "--config",
+                "-c",
+                type=Path,
+                help="TOML configuration file (default: $TRIPO_WATCHD_CONFIG, "
+                "~/.config/tripo-watchd/config.toml, /etc/tripo-watchd/config.toml, "
+                "else built-in defaults)",
+            )
         return sub
 
     run = command("run", "watch the configured folders and upload until stopped")
@@ -85,8 +92,10 @@ def _say(text: str) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from tripo_watchd.config import load_settings
+    from tripo_watchd.config import default_config_path, load_settings
 
+    if args.config is None:
+        args.config = default_config_path()
     return load_settings(args.config)
 
 
@@ -177,8 +186,12 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from tripo_watchd.config import load_settings
+    from tripo_watchd.settings import DEFAULT_INBOX
 
     settings = _settings(args)
+    default_inbox = DEFAULT_INBOX.expanduser()
+    if settings.watch.paths == (default_inbox,) and default_inbox.parent.is_dir():
+        default_inbox.mkdir(exist_ok=True)  # the workstation default: make it on first run
     return _run_daemon(settings, dry_run=args.dry_run, reload=lambda: load_settings(args.config))
 
 

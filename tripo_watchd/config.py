@@ -171,6 +171,29 @@ def load_api_key(api: ApiSettings, environ: Mapping[str, str] = os.environ) -> S
     if env_value:
         _check_key_chars(env_value, f"${API_KEY_ENV}")
         return Secret(env_value)
+    personal = user_config_dir(environ) / "api-key"
+    if api.api_key_file is None and personal.exists():
+        return _read_key_file(personal, "the personal key file")
+    return None
+
+
+def user_config_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """$XDG_CONFIG_HOME/tripo-watchd (default ~/.config/tripo-watchd)."""
+    base = environ.get("XDG_CONFIG_HOME") or str(Path("~/.config").expanduser())
+    return Path(base) / "tripo-watchd"
+
+
+def default_config_path(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The config file used when none is named: $TRIPO_WATCHD_CONFIG, the user's, the system's."""
+    named = environ.get("TRIPO_WATCHD_CONFIG")
+    if named:
+        return Path(named)
+    for candidate in (
+        user_config_dir(environ) / "config.toml",
+        Path("/etc/tripo-watchd/config.toml"),
+    ):
+        if candidate.is_file():
+            return candidate
     return None
 
 
@@ -181,7 +204,8 @@ def api_key_help() -> str:
         f"(LoadCredential={CREDENTIAL_NAME}:/path/to/key, read from "
         f"$CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME}), or in a file readable only by you "
         f"(chmod 600) named by api.api_key_file in the config file, "
-        f"or in the environment variable {API_KEY_ENV}."
+        f"or in the environment variable {API_KEY_ENV}, "
+        f"or in ~/.config/tripo-watchd/api-key (chmod 600)."
     )
 
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_IGNORE = (".*", "*.tmp", "*.part", "*.crdownload", "*~")
+DEFAULT_INBOX = Path("~/Tripo/inbox")
+
+
+def default_state_dir() -> Path:
+    """systemd's StateDirectory= when it set one, else ~/.local/state/tripo-watchd."""
+    given = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(given) if given else Path("~/.local/state/tripo-watchd").expanduser()
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,7 @@ class S3Settings:
 class WatchSettings:
     """[watch]: which folders, how to notice files and when a file is ready."""
 
-    paths: tuple[Path, ...] = (Path("~/Tripo/inbox").expanduser(),)
+    paths: tuple[Path, ...] = (DEFAULT_INBOX.expanduser(),)
     recursive: bool = True
     settle_seconds: float = 1.0
     ignore: tuple[str, ...] = DEFAULT_IGNORE
@@ -67,9 +75,7 @@ class WorkerSettings:
 class LedgerSettings:
     """[ledger]: where outcomes are recorded."""
 
-    path: Path = field(
-        default_factory=lambda: Path("~/.local/state/tripo-watchd/ledger.jsonl").expanduser()
-    )
+    path: Path = field(default_factory=lambda: default_state_dir() / "ledger.jsonl")
 
 
 @dataclass(frozen=True)
