@@ -1,10 +1,11 @@
-"""Running it for real: sd_notify, reload, status, retry-failed, metrics, hooks, bandwidth, progress.
+"""Running it for real: sd_notify, reload, status, retry-failed, metrics, hooks, cap, progress.
 
 Every test here drives a real `tripo-watchd` subprocess against the Tripo emulator and moto S3.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +102,14 @@ def site(tmp_path: Path, emulator: TripoEmulator, s3_server: S3Server, api_key: 
 class NotifyListener:
     """A real AF_UNIX datagram socket standing in for systemd's $NOTIFY_SOCKET."""
 
-    def __init__(self, path: Path, on_ready_snapshot: Path | None = None) -> None:
+    def __init__(self, path: Path, on_first_ready: Callable[[], Any] | None = None) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.sock.settimeout(0.05)
         self.messages: list[tuple[float, dict[str, str]]] = []
-        self.log_size_at_first_ready: int | None = None
-        self._snapshot = on_ready_snapshot
+        self.at_first_ready: Any = None  # what `on_first_ready` returned when READY=1 came
+        self._on_first_ready = on_first_ready
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._receive, daemon=True)
@@ -123,9 +125,9 @@ class NotifyListener:
                 return
             now = time.monotonic()
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            if fields.get("READY") == "1" and self._snapshot is not None:
-                if self.log_size_at_first_ready is None:
-                    self.log_size_at_first_ready = self._snapshot.stat().st_size
+            first_ready = fields.get("READY") == "1" and self.at_first_ready is None
+            if first_ready and self._on_first_ready is not None:
+                self.at_first_ready = self._on_first_ready()
             with self._lock:
                 self.messages.append((now, fields))
 
@@ -149,6 +151,10 @@ def notify_env(socket_path: Path) -> dict[str, str]:
     env = cli_env(NOTIFY_SOCKET=str(socket_path), WATCHDOG_USEC=str(WATCHDOG_USEC))
     env.pop("WATCHDOG_PID", None)
     return env
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -188,9 +194,7 @@ def test_sd_notify_ready_status_watchdog_reload_and_stop(site: Site) -> None:
         reloading = wait_for(lambda: listener.index_of("RELOADING", "1", after=mark))
         assert "MONOTONIC_USEC" in listener.all()[reloading][1]
         ready_again = wait_for(lambda: listener.index_of("READY", "1", after=reloading))
-        wait_for(
-            lambda: sum(1 for _, f in listener.all()[ready_again:] if f.get("WATCHDOG")) >= 3
-        )
+        wait_for(lambda: sum(1 for _, f in listener.all()[ready_again:] if f.get("WATCHDOG")) >= 3)
         # SIGTERM: STOPPING=1 and exit code 0.
         daemon.signal(signal.SIGTERM)
         assert daemon.stop() == 0
@@ -203,7 +207,7 @@ def test_sd_notify_ready_status_watchdog_reload_and_stop(site: Site) -> None:
     gaps = []
     for start, end in ((first_ready, reloading), (ready_again, stopping)):
         pings = [t for t, f in messages[start:end] if f.get("WATCHDOG") == "1"]
-        gaps += [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        gaps += [b - a for a, b in itertools.pairwise(pings)]
     half = WATCHDOG_USEC / 2e6
     assert 0.5 * half <= statistics.median(gaps) <= 1.5 * half, gaps
     assert max(gaps) < WATCHDOG_USEC / 1e6, f"a watchdog gap exceeded WATCHDOG_USEC: {gaps}"
@@ -223,14 +227,14 @@ def test_ready_is_sent_after_the_catch_up_scan(site: Site) -> None:
         for n in range(count // 30):
             (folder / f"f{n:03d}.glb").write_bytes(b"glTF")
     site.log.touch()
-    listener = NotifyListener(site.tmp / "notify.sock", on_ready_snapshot=site.log)
+    listener = NotifyListener(site.tmp / "notify.sock", lambda: site.log.stat().st_size)
     try:
         daemon = site.daemon("--dry-run", env=notify_env(listener.path)).start()
-        wait_for(lambda: listener.log_size_at_first_ready is not None)
+        wait_for(lambda: listener.at_first_ready is not None)
         daemon.stop()
     finally:
         listener.close()
-    size = listener.log_size_at_first_ready
+    size = listener.at_first_ready
     assert size is not None
     seen = set()
     for line in site.log.read_bytes()[:size].decode(errors="replace").splitlines():
@@ -308,12 +312,29 @@ def test_status_reports_a_running_daemon_and_a_stopped_one(site: Site) -> None:
     assert text.returncode == 1 and "stopped" in text.stdout
 
 
+def test_status_and_retry_failed_see_the_daemon_as_soon_as_it_is_ready(site: Site) -> None:
+    """Right after READY=1, `status` says running and `retry-failed` signals the daemon."""
+    status_file = site.ledger.with_name("status.json")
+    listener = NotifyListener(site.tmp / "notify.sock", lambda: [status_file.exists()])
+    try:
+        with site.daemon(env=cli_env(NOTIFY_SOCKET=str(listener.path))):
+            wait_for(lambda: listener.at_first_ready is not None)
+            status = site.cli("status", "--json")
+            retry = site.cli("retry-failed")
+    finally:
+        listener.close()
+    assert listener.at_first_ready == [True], "no status file yet when READY=1 was sent"
+    assert status.returncode == 0 and json.loads(status.stdout)["running"] is True
+    assert retry.returncode == 0 and "asked the running daemon" in retry.stderr, retry.stderr
+
+
 # -- 4. retry-failed ----------------------------------------------------------------------------
 
 
 def test_retry_failed_on_a_running_and_on_a_stopped_daemon(site: Site) -> None:
     """A permanently failed file is uploaded after `retry-failed`, at once or at the next start."""
     with site.daemon():
+        wait_for(lambda: site.cli("status").returncode == 0)  # see the test below
         site.emulator.inject(Fault("status", status=403, code=1005))
         (site.inbox / "a.png").write_bytes(unique_png(300))
         wait_for(lambda: (site.latest("a.png") or {}).get("status") == "failed")
@@ -337,7 +358,7 @@ def test_retry_failed_on_a_running_and_on_a_stopped_daemon(site: Site) -> None:
 
 
 def test_metrics_endpoint_counts_uploads_and_shows_a_refused_key(site: Site) -> None:
-    """/metrics counts uploads, bytes and timings, and auth_ok drops to 0 when the key is refused."""
+    """/metrics counts uploads, bytes and timings; auth_ok drops to 0 when the key is refused."""
     port = free_port()
     site.configure(metrics={"listen": f"127.0.0.1:{port}"})
     url = f"http://127.0.0.1:{port}/metrics"
@@ -347,9 +368,11 @@ def test_metrics_endpoint_counts_uploads_and_shows_a_refused_key(site: Site) -> 
             (site.inbox / f"m{n}.png").write_bytes(unique_png(400 + n))
         records = site.wait_uploaded(3)
         values = wait_for(
-            lambda: (v := scrape(url)).get(("tripo_watchd_files_total", (("outcome", "uploaded"),)))
-            == 3
-            and v
+            lambda: (
+                (v := scrape(url)).get(("tripo_watchd_files_total", (("outcome", "uploaded"),)))
+                == 3
+                and v
+            )
         )
         assert values[("tripo_watchd_uploaded_bytes_total", ())] == sum(r["size"] for r in records)
         assert values[("tripo_watchd_upload_seconds_count", ())] == 3
@@ -362,11 +385,6 @@ def test_metrics_endpoint_counts_uploads_and_shows_a_refused_key(site: Site) -> 
         wait_for(lambda: scrape(url)[("tripo_watchd_auth_ok", ())] == 0)
 
 
-@pytest.mark.xfail(
-    reason="Daemon._await_key sets auth_ok to 1 whenever the key is merely retried; it must "
-    "stay 0 until a request with the key succeeds (see report)",
-    strict=True,
-)
 def test_auth_ok_stays_0_while_a_refused_key_is_retried(site: Site) -> None:
     """auth_ok stays 0 through the periodic retry of an unchanged, still refused key."""
     port = free_port()
@@ -414,7 +432,7 @@ def test_hooks_get_the_exact_record_and_never_block_or_lose_uploads(site: Site) 
     site.configure(
         hooks={
             "on_uploaded": [sys.executable, "-c", HOOK, str(out)],
-            "timeout_seconds": 3,
+            "timeout_seconds": 2,
             "max_workers": 2,
         }
     )
@@ -434,7 +452,7 @@ def test_hooks_get_the_exact_record_and_never_block_or_lose_uploads(site: Site) 
             (site.inbox / f"later{n}.png").write_bytes(unique_png(620 + n))
         (site.inbox / "fail.png").write_bytes(unique_png(630))
         site.wait_uploaded(7)
-        assert time.monotonic() - started < 3, "uploads waited for the hanging hooks"
+        assert time.monotonic() - started < 2, "uploads waited for the hanging hooks"
         assert not daemon.events("hook.failed")
 
         timed_out = wait_for(lambda: len(daemon.events("hook.failed")) >= 3 and daemon.events())
@@ -450,8 +468,7 @@ def test_hooks_get_the_exact_record_and_never_block_or_lose_uploads(site: Site) 
         wait_for(lambda: all((out / f"later{n}.png.json").exists() for n in range(3)))
     names = sorted(Path(r["path"]).name for r in site.records("uploaded"))
     assert names == sorted(
-        ["first.png", "sleep0.png", "sleep1.png", "later0.png", "later1.png", "later2.png"]
-        + ["fail.png"]
+        ["first.png", "sleep0.png", "sleep1.png", "fail.png"] + [f"later{n}.png" for n in range(3)]
     )
 
 
@@ -460,17 +477,17 @@ def test_hooks_get_the_exact_record_and_never_block_or_lose_uploads(site: Site) 
 
 def test_bandwidth_cap_paces_an_upload(site: Site) -> None:
     """With s3.max_bandwidth = "2MB/s" a 4 MB upload takes about 2 s; without a cap far less."""
-    capped = site.tmp / "capped.glb"
+    capped = site.inbox / "capped.glb"
     capped.write_bytes(glb_bytes(4_000_000))
-    free = site.tmp / "free.glb"
+    free = site.inbox / "free.glb"
     free.write_bytes(glb_bytes(4_000_004))
-    site.configure(watch=[site.tmp], s3={"max_bandwidth": "2MB/s"})
+    site.configure(s3={"max_bandwidth": "2MB/s"})
     result = site.cli("upload", capped)
     assert result.returncode == 0, result.stderr
     (record,) = records_of(result.stdout)
     assert record["status"] == "uploaded"
     assert site.s3.object_bytes(record["key"]) == capped.read_bytes()
-    site.configure(watch=[site.tmp])
+    site.configure()
     result = site.cli("upload", free)
     assert result.returncode == 0, result.stderr
     (unlimited,) = records_of(result.stdout)
@@ -497,10 +514,31 @@ def test_multipart_upload_logs_progress(site: Site) -> None:
         (record,) = site.wait_uploaded(1)
         progress = daemon.events("upload.progress")
     assert site.s3.object_bytes(record["key"]) == data
-    assert len(progress) >= 4, progress
+    assert len(progress) >= 2, progress
     percents = [e["percent"] for e in progress]
-    assert percents == sorted(percents) and percents[-1] >= 85, percents
+    assert percents == sorted(percents) and percents[-1] >= 80, percents
     assert all(e["path"] == str(site.inbox / "big.glb") for e in progress)
     assert all(e["total_bytes"] == len(data) for e in progress)
     rates = [e["mb_per_s"] for e in progress]
-    assert all(0 <= rate <= 12 for rate in rates) and statistics.median(rates) > 2, rates
+    assert all(rate > 0 for rate in rates), rates
+
+
+def test_capped_multipart_progress_comes_every_interval(site: Site) -> None:
+    """A capped multipart upload logs a progress line about every progress_log_seconds."""
+    site.configure(
+        s3={
+            "multipart_threshold_bytes": 5 * MIB,
+            "multipart_chunk_bytes": 5 * MIB,
+            "progress_log_seconds": 0.2,
+            "max_bandwidth": "6MB/s",
+        }
+    )
+    big = site.inbox / "big.glb"
+    big.write_bytes(glb_bytes(12 * MIB))
+    result = site.cli("upload", big)
+    assert result.returncode == 0, result.stderr
+    assert records_of(result.stdout)[0]["status"] == "uploaded"
+    progress = [e for e in json_lines(result.stderr) if e.get("event") == "upload.progress"]
+    # ~2.1 s at 6 MB/s: a line every 0.2 s gives about 10; ask for half of that.
+    assert len(progress) >= 5, [e["percent"] for e in progress]
+    assert 4 <= statistics.median(e["mb_per_s"] for e in progress) <= 8, progress

@@ -107,6 +107,7 @@ class Daemon:
         self._auth_ok = threading.Event()
         self._auth_ok.set()
         self._auth_lock = threading.Lock()
+        self._key_refused = False  # until a request with the key succeeds again
         self._stats = Stats()
         self._workers: list[threading.Thread] = []
         self._generation = 0
@@ -134,6 +135,7 @@ class Daemon:
             protocol=self.settings.api.protocol,
             dry_run=self._dry_run,
         )
+        self._write_status()
         self._notifier.ready(self._status_line())
         ping_every = self._notifier.watchdog_interval()
         last_summary = last_status = 0.0
@@ -251,6 +253,8 @@ class Daemon:
         requeue_later = False
         try:
             record = pipeline.process(path)
+            if record.attempts:  # the API took the key for this file
+                self._key_works()
             self._count(record)
             if not self._dry_run:
                 self._metrics.file_done(outcome_of(record), record.size or 0, record.seconds)
@@ -292,6 +296,7 @@ class Daemon:
             if not self._auth_ok.is_set():
                 return
             self._auth_ok.clear()
+            self._key_refused = True
             self._metrics.set_auth(False)
             message = (
                 f"{exc.message}; uploads are paused. Put a valid key in place "
@@ -308,8 +313,13 @@ class Daemon:
 
     def _await_key(self, watcher: _KeyWatcher) -> None:
         watcher.wait_for_new_key()
-        self._metrics.set_auth(True)
-        self._auth_ok.set()
+        self._auth_ok.set()  # let one worker try; the key is "ok" again only once it works
+
+    def _key_works(self) -> None:
+        if self._key_refused:
+            self._key_refused = False
+            self._metrics.set_auth(True)
+            log.info("auth.ok", action="uploads resumed")
 
     def _count(self, record: Record) -> None:
         with self._lock:
@@ -348,6 +358,7 @@ class Daemon:
             old_watcher.stop()
         self._start_generation()  # old workers finish their current file and leave
         log.info("config.reloaded", roots=[str(p) for p in new.watch.paths])
+        self._write_status()
         self._notifier.ready(self._status_line())
 
     def _do_retry_failed(self) -> None:
@@ -390,7 +401,7 @@ class Daemon:
 
     def _status_line(self) -> str:
         f = self._figures()
-        state = "paused (API key refused)" if not self._auth_ok.is_set() else "watching"
+        state = "paused (API key refused)" if self._key_refused else "watching"
         return (
             f"{state}: {f['queued']} queued, {f['in_flight']} in flight, "
             f"{f['uploaded']} uploaded, {f['failed']} failed"
@@ -405,7 +416,7 @@ class Daemon:
                 "pid": os.getpid(),
                 "started_at": stats.started_at,
                 "updated_at": utc_now(),
-                "auth": "ok" if self._auth_ok.is_set() else "refused",
+                "auth": "refused" if self._key_refused else "ok",
                 "roots": {
                     str(k): v for k, v in (self._watcher.modes() if self._watcher else {}).items()
                 },

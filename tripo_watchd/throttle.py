@@ -103,10 +103,21 @@ class ThrottledReader:
         self._size = self._stream.seek(0, io.SEEK_END)
         self._stream.seek(here)
         self._high_water = here
+        self._transferring = True
+
+    def signal_not_transferring(self) -> None:
+        """botocore is reading the body to sign it, not to send it: do not pace or count."""
+        self._transferring = False
+
+    def signal_transferring(self) -> None:
+        """Reads send bytes again (s3transfer's event handlers call these two)."""
+        self._transferring = True
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
             size = max(0, self._size - self._stream.tell())
+        if not self._transferring:
+            return self._stream.read(size)
         if self._bandwidth is None:
             return self._account(self._stream.read(size))
         parts: list[bytes] = []

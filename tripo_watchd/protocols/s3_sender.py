@@ -17,6 +17,7 @@ from botocore.config import Config
 from botocore.credentials import CredentialProvider, CredentialResolver, Credentials
 from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.manager import TransferManager
+from s3transfer.utils import signal_not_transferring, signal_transferring
 
 from tripo_watchd.errors import (
     CredentialsExpired,
@@ -139,6 +140,14 @@ class _Channel:
         self.client = boto3.Session(botocore_session=core).client(
             "s3", endpoint_url=route.endpoint_url, config=config, verify=verify
         )
+        # As s3transfer does: reads made to sign a body are not paced or counted as progress.
+        events = self.client.meta.events
+        events.register_first(
+            "request-created.s3", signal_not_transferring, unique_id="s3upload-not-transferring"
+        )
+        events.register_last(
+            "request-created.s3", signal_transferring, unique_id="s3upload-transferring"
+        )
         self.transfer_config = TransferConfig(
             multipart_threshold=settings.multipart_threshold_bytes,
             multipart_chunksize=settings.multipart_chunk_bytes,
@@ -214,8 +223,13 @@ class S3Sender:
                         source = ThrottledReader(stream, self._bandwidth, callback=progress)
                     channel.client.put_object(Bucket=bucket, Key=key, Body=source)
                     return
-                subscribers = [ProgressCallbackInvoker(progress)] if progress else None
-                source = ThrottledReader(stream, self._bandwidth) if self._bandwidth else stream
+                if self._bandwidth is not None:
+                    # Paced reads are the real pace: report progress from them, not per part.
+                    source = ThrottledReader(stream, self._bandwidth, callback=progress)
+                    subscribers = None
+                else:
+                    source = stream
+                    subscribers = [ProgressCallbackInvoker(progress)] if progress else None
                 channel.manager().upload(source, bucket, key, subscribers=subscribers).result()
         except (ClientError, BotoCoreError) as exc:
             raise map_s3_error(exc) from exc
