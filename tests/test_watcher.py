@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from tripo_watchd.mounts import fs_type_for, is_remote_fs, parse_mountinfo
 from tripo_watchd.readiness import ReadinessTable, Verdict
@@ -344,6 +345,29 @@ def test_missing_root_is_watched_once_it_appears(
     second = later / "second.png"
     second.write_bytes(b"2")
     assert wait_for(lambda: got.count(second) == 1)
+
+
+def test_each_full_scan_logs_scan_done_with_counts(root: Path) -> None:
+    """The catch-up scan and each rescan log `watch.scan_done` with files, folders and seconds."""
+    (root / "a" / "b").mkdir(parents=True)
+    for name in ("top.png", "a/one.png", "a/b/two.png", ".hidden.png"):
+        (root / name).write_bytes(b"f")
+    got = Collector()
+    settings = WatchSettings(paths=(root,), settle_seconds=SETTLE, mode="native", rescan_seconds=0)
+    watcher = Watcher(settings, got, is_known=got.is_known)
+    with capture_logs() as logs:
+        watcher.start()
+        try:
+            assert wait_for(lambda: len(got.paths()) == 3)
+            watcher.rescan()
+        finally:
+            watcher.stop()
+    done = [e for e in logs if e["event"] == "watch.scan_done"]
+    assert [e["reason"] for e in done] == ["catch-up", "rescan"]
+    for event in done:
+        assert event["log_level"] == "info"
+        assert (event["files"], event["directories"]) == (3, 3)
+        assert 0 <= event["seconds"] < 5
 
 
 MOUNTINFO = r"""22 27 0:21 / /proc rw,relatime - proc proc rw

@@ -233,7 +233,6 @@ class Watcher:
         self._threads: list[threading.Thread] = []
         self._kick = threading.Event()  # wakes the scanner for a limit error or an overflow
         self._overflow_at = -_OVERFLOW_BURST_GAP  # monotonic time of the last overflow
-        self._overflows = 0  # in the current burst
         self._scans = 0
         self._started = False
 
@@ -337,11 +336,13 @@ class Watcher:
         )
 
     def _full_scan(self, root: _Root, reason: str) -> None:
-        """Walk one root completely, as after it (re)appeared, fell back to polling or overflowed."""
+        """Walk one root completely: it (re)appeared, fell back to polling, or overflowed."""
         if root.ident is None:
             return
         started = time.monotonic()
-        files, directories = self._walk(root, root.key, changed_only=False)
+        # After lost events, or with no events from now on, a candidate's close may never come.
+        events_lost = reason in ("overflow", "fallback")
+        files, directories = self._walk(root, root.key, changed_only=False, events_lost=events_lost)
         log.info(
             "watch.scan_done",
             reason=reason,
@@ -491,7 +492,6 @@ class Watcher:
                 return
             now = time.monotonic()
             if now - self._overflow_at >= _OVERFLOW_BURST_GAP:
-                self._overflows = 0
                 log.warning(
                     "watch.overflow",
                     paths=[r.key for r in overflowed],
@@ -499,7 +499,6 @@ class Watcher:
                     detail="inotify queue overflowed and events were lost; rescanning",
                 )
             self._overflow_at = now
-            self._overflows += 1
             for root in overflowed:
                 self._full_scan(root, "overflow")
 
@@ -606,12 +605,19 @@ class Watcher:
 
     # ----- scanning ---------------------------------------------------------------------------
 
-    def _walk(self, root: _Root, top: str, *, changed_only: bool) -> None:
-        """Find files below `top` with os.scandir; in poll mode list only changed directories."""
+    def _walk(
+        self, root: _Root, top: str, *, changed_only: bool, events_lost: bool = False
+    ) -> tuple[int, int]:
+        """Find files below `top` with os.scandir; in poll mode list only changed directories.
+
+        With `events_lost`, candidates already waiting restart waiting for a stable stat instead
+        of a close event. Returns how many files and directories were listed.
+        """
         track = root.mode == "poll" and top == root.key
         recursive = self._settings.recursive
         racy_ns = time.time_ns() - int((self._settings.poll_seconds + 2) * 1e9)
         stack = list(root.dirs) if changed_only else [top]
+        files = directories = 0
         while stack and not self._stop.is_set():
             directory = stack.pop()
             if track:
@@ -627,9 +633,13 @@ class Watcher:
             try:
                 with os.scandir(directory) as entries:
                     for entry in entries:
-                        self._scan_entry(root, entry, stack, recursive, changed_only and track)
+                        files += self._scan_entry(
+                            root, entry, stack, recursive, changed_only and track, events_lost
+                        )
             except OSError:
                 continue
+            directories += 1
+        return files, directories
 
     def _scan_entry(
         self,
@@ -638,17 +648,21 @@ class Watcher:
         stack: list[str],
         recursive: bool,
         known_dirs: bool,
-    ) -> None:
+        events_lost: bool,
+    ) -> int:
+        """Queue a subdirectory for listing or consider a file; 1 when it was a file."""
         if self._ignore.match(entry.name):
-            return
+            return 0
         try:
             if entry.is_dir(follow_symlinks=False):
                 if recursive and not (known_dirs and entry.path in root.dirs):
                     stack.append(entry.path)
-            else:  # files, symlinks, and FIFOs/sockets/devices (recorded as rejected)
-                self._consider(root, entry.path, closed=True, how="scan")
+                return 0
+            # files, symlinks, and FIFOs/sockets/devices (recorded as rejected)
+            self._consider(root, entry.path, closed=True, how="scan", reset=events_lost)
         except OSError:
-            pass
+            return 0
+        return 1
 
     def _scan_loop(self) -> None:
         """Catch-up scan, then polling, root checks and periodic rescans."""
@@ -659,18 +673,23 @@ class Watcher:
         while not self._stop.is_set():
             now = time.monotonic()
             wake = min(next_poll, next_rescan or next_poll)
-            if self._stop.wait(max(0.0, wake - now)):
+            self._kick.wait(max(0.0, wake - now))
+            self._kick.clear()
+            if self._stop.is_set():
                 return
-            now = time.monotonic()
             try:
+                self._handle_kicks()
+                now = time.monotonic()
                 if next_rescan is not None and now >= next_rescan:
                     self.rescan()
                     next_rescan = self._next_rescan()
+                    next_poll = time.monotonic() + poll_every
                 elif now >= next_poll:
                     self._poll()
-                next_poll = time.monotonic() + poll_every
+                    next_poll = time.monotonic() + poll_every
             except Exception:
                 log.exception("watch.scan_failed")
+                next_poll = time.monotonic() + poll_every  # never spin on a persistent failure
 
     def _next_rescan(self) -> float | None:
         every = self._settings.rescan_seconds
@@ -681,7 +700,9 @@ class Watcher:
     def _poll(self) -> None:
         with self._roots_lock:
             for root in self._roots:
-                if not self._check_root(root) and root.ident is not None and root.mode == "poll":
+                if self._check_root(root):
+                    self._full_scan(root, "appeared")
+                elif root.ident is not None and root.mode == "poll":
                     self._walk(root, root.key, changed_only=True)
 
     # ----- readiness ticker --------------------------------------------------------------------
