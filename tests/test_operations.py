@@ -213,11 +213,6 @@ def test_sd_notify_ready_status_watchdog_reload_and_stop(site: Site) -> None:
     assert max(gaps) < WATCHDOG_USEC / 1e6, f"a watchdog gap exceeded WATCHDOG_USEC: {gaps}"
 
 
-@pytest.mark.xfail(
-    reason="Daemon.run sends READY=1 right after Watcher.start(), which only spawns the "
-    "catch-up scan thread; READY must wait for the first scan (see report)",
-    strict=True,
-)
 def test_ready_is_sent_after_the_catch_up_scan(site: Site) -> None:
     """READY=1 means the folders are watched and every file already in them has been found."""
     count = 1500

@@ -126,6 +126,7 @@ class Daemon:
         self._serve_metrics()
         self._start_generation()
         assert self._watcher is not None
+        self._wait_caught_up()
         log.info(
             "daemon.started",
             roots=[str(p) for p in self.settings.watch.paths],
@@ -174,6 +175,16 @@ class Daemon:
             log.info("metrics.listening", host=server.host, port=server.port)
         except (OSError, ValueError) as exc:
             log.error("metrics.failed", listen=listen, reason=str(exc))
+
+    def _wait_caught_up(self) -> None:
+        """READY means watched and caught up: wait for the first scan, keeping systemd informed."""
+        ping = self._notifier.watchdog_interval()
+        while self._watcher is not None and not self._stop.is_set():
+            if self._watcher.wait_caught_up(min(0.5, ping or 0.5)):
+                return
+            if ping:
+                self._notifier.watchdog_ping()
+            self._notifier.status("catching up: scanning the watched folders")
 
     def stop(self) -> None:
         """Ask the daemon to finish the files in flight and return from `run()`."""
@@ -357,6 +368,7 @@ class Daemon:
         if old_watcher is not None:
             old_watcher.stop()
         self._start_generation()  # old workers finish their current file and leave
+        self._wait_caught_up()
         log.info("config.reloaded", roots=[str(p) for p in new.watch.paths])
         self._write_status()
         self._notifier.ready(self._status_line())

@@ -235,6 +235,7 @@ class Watcher:
         self._overflow_at = -_OVERFLOW_BURST_GAP  # monotonic time of the last overflow
         self._scans = 0
         self._started = False
+        self._caught_up = threading.Event()
 
     def _wanted_mode(self, path: Path, mounts: tuple[Mount, ...]) -> str:
         mode = self._settings.mode
@@ -260,6 +261,10 @@ class Watcher:
         self._threads = [ticker, scanner]
         for thread in self._threads:
             thread.start()
+
+    def wait_caught_up(self, timeout: float) -> bool:
+        """Wait until the catch-up scan has found every file already in the roots."""
+        return self._caught_up.wait(timeout)
 
     def _new_observer(self) -> BaseObserver | None:
         try:
@@ -666,7 +671,10 @@ class Watcher:
 
     def _scan_loop(self) -> None:
         """Catch-up scan, then polling, root checks and periodic rescans."""
-        self.rescan()
+        try:
+            self.rescan()
+        finally:
+            self._caught_up.set()
         poll_every = max(0.05, self._settings.poll_seconds)
         next_poll = time.monotonic() + poll_every
         next_rescan = self._next_rescan()
