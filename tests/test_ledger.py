@@ -256,3 +256,250 @@ def test_read_records_beside_a_running_owner(lpath: Path) -> None:
     assert lpath.read_bytes().endswith(b'"sta')
     assert list(read_records(lpath, "failed")) == []
     led.close()
+
+
+def test_group_commit_each_append_durable_on_return(lpath: Path) -> None:
+    """With 16 threads appending at once, every append's line is on disk and indexed when it
+    returns, and the file holds exactly the lines appended."""
+    led = JsonlLedger(lpath)
+    n = 200
+    missing: list[str] = []
+
+    def work(t: int) -> None:
+        for i in range(n):
+            rec = uploaded(f"/in/{t}/{i}.glb", sha=f"{t * n + i:064x}")
+            led.append(rec)
+            if led.last_for_path(rec.path) != rec:
+                missing.append(rec.path)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert missing == []
+    led.close()
+    lines = lpath.read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    paths = [json.loads(x)["path"] for x in lines[:-1]]
+    assert sorted(paths) == sorted(f"/in/{t}/{i}.glb" for t in range(16) for i in range(n))
+    assert JsonlLedger(lpath).counts() == {"uploaded": 16 * n}
+
+
+def test_failed_group_fsync_fails_every_waiter(
+    lpath: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the fsync covering several appends fails, all of them raise LedgerError and the file
+    is cut back to the last fsynced line, so none of them counts."""
+    led = JsonlLedger(lpath)
+    first = uploaded("/in/first.png")
+    led.append(first)
+    before = lpath.read_bytes()
+    writers = 4
+    written = threading.Semaphore(0)
+    real_write = ledger_mod._write_all
+
+    def counting_write(fd: int, data: bytes) -> None:
+        real_write(fd, data)
+        written.release()
+
+    def fsync_after_all_wrote(fd: int) -> None:
+        # The leader's fsync waits until every writer's line is in the file, then fails.
+        for _ in range(writers):
+            assert written.acquire(timeout=10)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(ledger_mod, "_write_all", counting_write)
+    monkeypatch.setattr(ledger_mod, "_fsync", fsync_after_all_wrote)
+    errors: list[Exception] = []
+
+    def work(t: int) -> None:
+        try:
+            led.append(uploaded(f"/in/{t}.png", sha=f"{t:064x}"))
+        except LedgerError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(writers)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(errors) == writers
+    assert all("Input/output error" in str(e) for e in errors)
+    assert lpath.read_bytes() == before
+    assert led.counts() == {"uploaded": 1}
+    assert all(led.last_for_path(f"/in/{t}.png") is None for t in range(writers))
+    monkeypatch.undo()
+    led.append(uploaded("/in/after.png", sha=SHA_B))
+    led.close()
+    assert [r.path for r in read_records(lpath)] == ["/in/first.png", "/in/after.png"]
+
+
+def _fill(lpath: Path) -> list[Record]:
+    """A ledger with every kind of line the index cares about; returns what was appended."""
+    recs = [
+        uploaded("/in/a.png", sha=SHA_A),
+        uploaded("/in/copy.png", sha=SHA_A),
+        Record(path="/in/f.bin", status="failed", size=1, mtime_ns=2, retryable=False),
+        Record(path="/in/r.txt", status="rejected", size=3, mtime_ns=4, reason="bad"),
+        uploaded(os.fsdecode(b"/in/caf\xe9.glb"), sha=SHA_B),
+        uploaded('/in/quote"and\\back.glb', sha="c" * 64),
+        Record(path="/in/a.png", status="failed", reason="gone"),
+    ]
+    led = JsonlLedger(lpath)
+    for rec in recs:
+        led.append(rec)
+    led.close()
+    return recs
+
+
+def _view(led: JsonlLedger, recs: list[Record]) -> list[object]:
+    out: list[object] = [led.counts()]
+    for rec in recs:
+        out.append(led.last_for_path(rec.path))
+        out.append(led.is_done(rec.path, rec.size or 0, rec.mtime_ns or 0))
+        if rec.sha256:
+            out.append(led.uploaded_with_sha256(rec.sha256))
+    return out
+
+
+def _full_scan_view(lpath: Path, recs: list[Record]) -> list[object]:
+    lpath.with_name("ledger.jsonl.idx").unlink(missing_ok=True)
+    led = JsonlLedger(lpath)
+    try:
+        return _view(led, recs)
+    finally:
+        led.close()
+
+
+class _NoParsing:
+    def match(self, *args: object) -> None:
+        raise AssertionError("the ledger was parsed although the sidecar covers it")
+
+
+def test_restart_uses_sidecar_without_parsing(lpath: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a clean close, reopening rebuilds the same index from <ledger>.idx alone."""
+    recs = _fill(lpath)
+    expected = _full_scan_view(lpath, recs)
+    assert lpath.with_name("ledger.jsonl.idx").exists()
+    monkeypatch.setattr(ledger_mod, "_FAST", _NoParsing())
+    led = JsonlLedger(lpath)
+    assert _view(led, recs) == expected
+    assert expected[0] == {"uploaded": 3, "failed": 2, "rejected": 1}
+    led.close()
+
+
+def test_lines_appended_behind_the_sidecars_back_are_indexed(lpath: Path) -> None:
+    """Lines written after the sidecar (by a crash or an older version) are parsed and indexed."""
+    recs = _fill(lpath)
+    late = uploaded("/in/late.png", sha="d" * 64)
+    with open(lpath, "ab") as f:
+        f.write(ledger_mod.encode_line(late))
+    led = JsonlLedger(lpath)
+    assert led.last_for_path("/in/late.png") == late
+    got = _view(led, [*recs, late])
+    led.close()
+    assert got == _full_scan_view(lpath, [*recs, late])
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut", "garbage", "empty"])
+def test_corrupt_sidecar_falls_back_to_parsing(lpath: Path, damage: str) -> None:
+    """A damaged <ledger>.idx is never trusted: the ledger is parsed instead, same index."""
+    recs = _fill(lpath)
+    idx = lpath.with_name("ledger.jsonl.idx")
+    data = bytearray(idx.read_bytes())
+    if damage == "flip":
+        data[-40] ^= 0x01  # inside the last chunk's payload
+    elif damage == "cut":
+        data = data[: len(data) - 30]
+    elif damage == "garbage":
+        data = bytearray(b"\x00garbage" * 20)
+    else:
+        data = bytearray()
+    idx.write_bytes(bytes(data))
+    led = JsonlLedger(lpath)
+    got = _view(led, recs)
+    led.close()
+    assert got == _full_scan_view(lpath, recs)
+
+
+def test_sidecar_of_another_ledger_is_ignored(lpath: Path) -> None:
+    """A ledger replaced by another file, or rewritten in place, gets no stale index."""
+    _fill(lpath)
+    # Same length, same inode, last record pointing at another path.
+    raw = lpath.read_bytes()
+    with open(lpath, "r+b") as f:
+        f.write(raw.replace(b'"/in/a.png","status":"failed"', b'"/in/b.png","status":"failed"'))
+    led = JsonlLedger(lpath)
+    assert led.last_for_path("/in/b.png") is not None
+    last_a = led.last_for_path("/in/a.png")
+    assert last_a is not None and last_a.status == "uploaded"
+    led.close()
+    # A different file renamed over the ledger: its own inode.
+    other = lpath.with_name("other.jsonl")
+    other.write_bytes(ledger_mod.encode_line(uploaded("/in/z.png")))
+    os.replace(other, lpath)
+    led = JsonlLedger(lpath)
+    assert led.counts() == {"uploaded": 1}
+    assert led.last_for_path("/in/a.png") is None
+    led.close()
+
+
+def test_sidecar_stays_valid_after_truncations(
+    lpath: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed fsync and a torn tail cut the ledger; the next open still gets the right index."""
+    recs = _fill(lpath)
+    led = JsonlLedger(lpath)
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(ledger_mod, "_fsync", eio)
+    with pytest.raises(LedgerError):
+        led.append(uploaded("/in/lost.png"))
+    monkeypatch.undo()
+    kept = uploaded("/in/kept.png")
+    led.append(kept)
+    led.close()
+    with open(lpath, "ab") as f:
+        f.write(b'{"path":"/in/torn.png","sta')
+    led = JsonlLedger(lpath)
+    assert led.last_for_path("/in/lost.png") is None
+    assert led.last_for_path("/in/kept.png") == kept
+    got = _view(led, [*recs, kept])
+    led.close()
+    assert got == _full_scan_view(lpath, [*recs, kept])
+
+
+def test_sidecar_in_many_chunks_replays_in_order(
+    lpath: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sidecar written in many pieces while running gives the same index as parsing."""
+    monkeypatch.setattr(ledger_mod, "_FLUSH_RECORDS", 3)
+    recs = _fill(lpath)
+    led = JsonlLedger(lpath)
+    more = [uploaded(f"/in/m{i}.png", sha=f"{i:064x}") for i in range(10)]
+    for rec in more:
+        led.append(rec)
+    led.append(Record(path="/in/m3.png", status="failed", reason="gone"))
+    led.close()
+    real_fast = ledger_mod._FAST
+    monkeypatch.setattr(ledger_mod, "_FAST", _NoParsing())
+    led = JsonlLedger(lpath)
+    got = _view(led, [*recs, *more])
+    led.close()
+    monkeypatch.setattr(ledger_mod, "_FAST", real_fast)
+    assert got == _full_scan_view(lpath, [*recs, *more])
+
+
+def test_unwritable_sidecar_leaves_the_ledger_working(lpath: Path) -> None:
+    """If <ledger>.idx cannot be written the ledger still opens, appends and reopens."""
+    lpath.parent.mkdir(parents=True)
+    lpath.with_name("ledger.jsonl.idx").mkdir()
+    led = JsonlLedger(lpath)
+    led.append(uploaded("/in/a.png"))
+    led.close()
+    again = JsonlLedger(lpath)
+    assert [r.path for r in again.records()] == ["/in/a.png"]
+    again.close()

@@ -564,9 +564,11 @@ class Watcher:
         with self._cv:
             if path in self._table and not reset and how == "scan":
                 return
+            first = path not in self._table
             self._table.add(path, st, time.monotonic(), closed=closed)
             self._cv.notify()
-        log.debug("file.seen", path=path, via=how, size=st.st_size)
+        # One info line when a file first appears; later events for it are debug detail.
+        (log.info if first else log.debug)("file.seen", path=path, via=how, size=st.st_size)
 
     # ----- events ---------------------------------------------------------------------------
 
@@ -745,7 +747,7 @@ class Watcher:
             batch = self._table.ready_batch(_OFFER_BATCH)
         for path, verdict, st in verdicts:
             if verdict is Verdict.READY:
-                log.debug("file.ready", path=path, size=st.st_size if st else None)
+                log.info("file.ready", path=path, size=st.st_size if st else None)
             elif verdict is Verdict.READY_WITHOUT_CLOSE:
                 log.info("file.ready_without_close", path=path, quiet_seconds=self._table.quiet)
         self._blocked = False
