@@ -12,6 +12,7 @@ import stat
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -38,6 +39,12 @@ from tripo_watchd.readiness import ReadinessTable, Verdict
 from tripo_watchd.settings import WatchSettings
 
 log = structlog.get_logger(__name__)
+
+# watchdog warns when `mkdir -p` makes it register a nested directory's callback twice; it is
+# harmless (the callback is the same) and would print raw text into a JSON log stream.
+warnings.filterwarnings(
+    "ignore", message="Callback with id .* already exists", category=RuntimeWarning
+)
 
 _IS_LINUX = sys.platform.startswith("linux")
 _CHECK_BATCH = 1000  # stats per tick at most, so one tick never stalls for long
