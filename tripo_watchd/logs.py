@@ -222,6 +222,8 @@ def configure_logging(
         lib_level = max(numeric, logging.getLevelNamesMapping()[library_level.upper()])
         for name in LIBRARY_LOGGERS:
             logging.getLogger(name).setLevel(lib_level)
+        # Python warnings (deprecations, library oddities) become log events, not raw stderr text.
+        logging.captureWarnings(True)
 
 
 def reset_logging() -> None:
