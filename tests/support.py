@@ -149,27 +149,31 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._offset = 0
 
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "tripo_watchd.cli",
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+            "run",
+            "--config",
+            str(self.config),
+            *self.args,
+        ]
+
+    def spawn(self, stderr: Any) -> subprocess.Popen[bytes]:
+        """Start the process; subclasses change how (privileges, where stdout goes)."""
+        return subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=stderr, env=self.env
+        )
+
     def start(self, wait_ready: bool = True) -> DaemonProcess:
         self._offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as sink:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tripo_watchd.cli",
-                    "--log-format",
-                    "json",
-                    "--log-level",
-                    "debug",
-                    "run",
-                    "--config",
-                    str(self.config),
-                    *self.args,
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=sink,
-                env=self.env,
-            )
+            self.proc = self.spawn(sink)
         if wait_ready:
             wait_for(lambda: self.events("daemon.started") or self._died(), timeout=30)
             assert self.proc.poll() is None, self.log.read_text()

@@ -80,31 +80,14 @@ def _can_drop_override() -> bool:
 class UnprivilegedDaemon(DaemonProcess):
     """The daemon subprocess without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH."""
 
-    def start(self, wait_ready: bool = True) -> UnprivilegedDaemon:
-        with open(self.log, "ab") as sink:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tripo_watchd.cli",
-                    "--log-format",
-                    "json",
-                    "--log-level",
-                    "debug",
-                    "run",
-                    "--config",
-                    str(self.config),
-                    *self.args,
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=sink,
-                env=self.env,
-                preexec_fn=_drop_file_override if os.geteuid() == 0 else None,
-            )
-        if wait_ready:
-            wait_for(lambda: self.events("daemon.started") or self._died(), timeout=30)
-            assert self.proc.poll() is None, self.log.read_text()
-        return self
+    def spawn(self, stderr: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            self.command(),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=self.env,
+            preexec_fn=_drop_file_override if os.geteuid() == 0 else None,
+        )
 
 
 @dataclass

@@ -7,7 +7,6 @@ import dataclasses
 import re
 import ssl
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -109,30 +108,9 @@ def test_a_verify_false_key_is_rejected_as_unknown(tmp_path, section):
 class _Daemon(DaemonProcess):
     """The daemon with stdout kept in a file too, so every byte it writes can be searched."""
 
-    def start(self, wait_ready: bool = True) -> _Daemon:
-        out = self.log.with_suffix(".stdout")
-        with open(self.log, "ab") as sink, open(out, "ab") as stdout:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tripo_watchd.cli",
-                    "--log-format",
-                    "json",
-                    "--log-level",
-                    "debug",
-                    "run",
-                    "--config",
-                    str(self.config),
-                ],
-                stdout=stdout,
-                stderr=sink,
-                env=self.env,
-            )
-        if wait_ready:
-            wait_for(lambda: self.events("daemon.started") or self._died(), timeout=30)
-            assert self.proc.poll() is None, self.log.read_text()
-        return self
+    def spawn(self, stderr: Any) -> subprocess.Popen[bytes]:
+        with open(self.log.with_suffix(".stdout"), "ab") as stdout:
+            return subprocess.Popen(self.command(), stdout=stdout, stderr=stderr, env=self.env)
 
 
 def test_no_secret_reaches_logs_ledger_or_status(tmp_path, emulator, s3_server, api_key):

@@ -23,6 +23,7 @@ from tripo_watchd.errors import (
     ServerError,
     TlsError,
 )
+from tripo_watchd.ratelimit import shared_pacer
 from tripo_watchd.secrets import Secret
 from tripo_watchd.settings import ApiSettings
 
@@ -197,3 +198,19 @@ class TripoApi:
 
     def close(self) -> None:
         self._session.close()
+
+
+class GrantClient:
+    """Asks the Tripo API for upload grants (STS tokens, presigned URLs), paced process-wide."""
+
+    def __init__(self, api: ApiSettings, api_key: Callable[[], Secret]) -> None:
+        self._api = TripoApi.from_settings(api, api_key)
+        self._pacer = shared_pacer(api.max_uploads_per_minute)
+
+    def ask(self, path: str, file_format: str) -> tuple[dict[str, Any], str | None]:
+        """POST `{"format": F}` to `path`; (data, trace id) of the grant."""
+        self._pacer.acquire()
+        return self._api.request("POST", path, {"format": file_format})
+
+    def close(self) -> None:
+        self._api.close()

@@ -10,8 +10,7 @@ from tripo_watchd.errors import MalformedResponse
 from tripo_watchd.formats import FileKind
 from tripo_watchd.protocols import Body, Destination, ProgressFactory
 from tripo_watchd.protocols.s3_sender import Route, S3Sender, StsCredentials, choose_route
-from tripo_watchd.protocols.tripo_api import TripoApi
-from tripo_watchd.ratelimit import shared_pacer
+from tripo_watchd.protocols.tripo_api import GrantClient
 from tripo_watchd.secrets import Secret
 from tripo_watchd.settings import Settings
 
@@ -71,14 +70,12 @@ class V2Sts:
         progress_for: ProgressFactory | None = None,
     ) -> None:
         self._settings = settings
-        self._api = TripoApi.from_settings(settings.api, api_key)
+        self._grants = GrantClient(settings.api, api_key)
         self._s3 = S3Sender(settings.s3, progress_for)
         self._on_secret = on_secret
-        self._pacer = shared_pacer(settings.api.max_uploads_per_minute)
 
     def destination(self, kind: FileKind, size: int) -> StsDestination:
-        self._pacer.acquire()
-        data, trace_id = self._api.request("POST", "/upload/sts/token", {"format": kind.format})
+        data, trace_id = self._grants.ask("/upload/sts/token", kind.format)
         host, bucket, key, creds = parse_token(data, trace_id)
         for secret in (creds.secret_key, creds.session_token):
             self._on_secret(secret.reveal())
@@ -98,5 +95,5 @@ class V2Sts:
         )
 
     def close(self) -> None:
-        self._api.close()
+        self._grants.close()
         self._s3.close()

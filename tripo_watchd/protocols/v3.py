@@ -21,8 +21,7 @@ from tripo_watchd.errors import (
 from tripo_watchd.formats import FileKind
 from tripo_watchd.protocols import Body, Destination, ProgressFactory
 from tripo_watchd.protocols.s3_sender import bandwidth_for, open_for_upload
-from tripo_watchd.protocols.tripo_api import TripoApi, untrusted_certificate
-from tripo_watchd.ratelimit import shared_pacer
+from tripo_watchd.protocols.tripo_api import GrantClient, untrusted_certificate
 from tripo_watchd.secrets import Secret
 from tripo_watchd.settings import Settings
 from tripo_watchd.throttle import ThrottledReader
@@ -84,18 +83,16 @@ class V3Presign:
         progress_for: ProgressFactory | None = None,
     ) -> None:
         self._settings = settings
-        self._api = TripoApi.from_settings(settings.api, api_key)
+        self._grants = GrantClient(settings.api, api_key)
         self._storage = requests.Session()
         ca_bundle = settings.s3.ca_bundle
         self._verify: str | bool = str(ca_bundle) if ca_bundle is not None else True
-        self._pacer = shared_pacer(settings.api.max_uploads_per_minute)
         self._on_secret = on_secret
         self._bandwidth = bandwidth_for(settings.s3)
         self._progress_for = progress_for or (lambda body: None)
 
     def destination(self, kind: FileKind, size: int) -> PresignedDestination:
-        self._pacer.acquire()
-        data, trace_id = self._api.request("POST", "/files/presign", {"format": kind.format})
+        data, trace_id = self._grants.ask("/files/presign", kind.format)
         destination = parse_presign(data, trace_id, kind.task_type)
         self._on_secret(destination.upload_url.reveal().partition("?")[2])
         return destination
@@ -138,5 +135,5 @@ class V3Presign:
         raise StorageUnavailable(f"the storage failed the upload (HTTP {response.status_code})")
 
     def close(self) -> None:
-        self._api.close()
+        self._grants.close()
         self._storage.close()
