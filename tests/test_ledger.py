@@ -503,3 +503,101 @@ def test_unwritable_sidecar_leaves_the_ledger_working(lpath: Path) -> None:
     again = JsonlLedger(lpath)
     assert [r.path for r in again.records()] == ["/in/a.png"]
     again.close()
+
+
+BIG = ledger_mod.BIG_UPLOAD_BYTES
+
+
+def _big_uploads(lpath: Path) -> None:
+    """Append big uploads (one superseded by a later record), a big failure and a small upload."""
+    led = JsonlLedger(lpath)
+    led.append(uploaded("/in/big.glb", sha=SHA_A, size=BIG + 1))
+    led.append(uploaded("/in/big.glb", sha=SHA_B, size=BIG + 2))
+    led.append(Record(path="/in/other.glb", status="failed", size=BIG + 3, reason="x"))
+    led.append(uploaded("/in/small.png", sha="c" * 64, size=100))
+    led.close()
+
+
+def _sizes_view(led: JsonlLedger) -> list[bool]:
+    return [led.may_hold_upload_of_size(n) for n in (BIG + 1, BIG + 2, BIG + 3, BIG, 100)]
+
+
+EXPECTED_SIZES = [True, True, False, False, True]
+
+
+def test_upload_sizes_are_known_on_append(lpath: Path) -> None:
+    """Appending an uploaded record makes its big size known at once; failures do not count."""
+    led = JsonlLedger(lpath)
+    assert led.may_hold_upload_of_size(BIG + 1) is False
+    assert led.may_hold_upload_of_size(BIG - 1) is True  # below the threshold: always "maybe"
+    led.close()
+    lpath.unlink()
+    lpath.with_name("ledger.jsonl.idx").unlink()
+    _big_uploads(lpath)
+    led = JsonlLedger(lpath)
+    led.append(uploaded("/in/new.glb", sha="d" * 64, size=BIG + 9))
+    assert led.may_hold_upload_of_size(BIG + 9)
+    assert _sizes_view(led) == EXPECTED_SIZES
+    led.close()
+
+
+def test_upload_sizes_are_known_after_a_full_parse(lpath: Path) -> None:
+    """Without a sidecar, parsing the ledger (fast and slow lines) finds every big upload size."""
+    _big_uploads(lpath)
+    with open(lpath, "ab") as f:  # keys in another order: the slow path
+        f.write(json.dumps({"status": "uploaded", "path": "/in/s.glb", "size": BIG + 7}).encode())
+        f.write(b"\n")
+    lpath.with_name("ledger.jsonl.idx").unlink()
+    led = JsonlLedger(lpath)
+    assert _sizes_view(led) == EXPECTED_SIZES
+    assert led.may_hold_upload_of_size(BIG + 7)
+    led.close()
+
+
+def test_upload_sizes_are_known_after_a_sidecar_replay(
+    lpath: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reopening from <ledger>.idx alone restores the big upload sizes too."""
+    _big_uploads(lpath)
+    monkeypatch.setattr(ledger_mod, "_FAST", _NoParsing())
+    led = JsonlLedger(lpath)
+    assert _sizes_view(led) == EXPECTED_SIZES
+    led.close()
+
+
+def test_upload_sizes_survive_a_sidecar_written_in_many_chunks(
+    lpath: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sizes digested by flushes while running replay the same as those digested at close."""
+    monkeypatch.setattr(ledger_mod, "_FLUSH_RECORDS", 1)
+    _big_uploads(lpath)
+    monkeypatch.setattr(ledger_mod, "_FAST", _NoParsing())
+    led = JsonlLedger(lpath)
+    assert _sizes_view(led) == EXPECTED_SIZES
+    led.close()
+
+
+def test_an_upload_without_a_size_may_be_of_any_size(lpath: Path) -> None:
+    """An uploaded record lacking its size makes every big size a possible duplicate."""
+    lpath.parent.mkdir(parents=True)
+    line = {"path": "/in/old.glb", "status": "uploaded", "at": "x", "sha256": SHA_A}
+    lpath.write_text(json.dumps(line, separators=(",", ":")) + "\n")
+    led = JsonlLedger(lpath)
+    assert led.may_hold_upload_of_size(BIG + 5)
+    led.close()
+    led = JsonlLedger(lpath)  # and again from the sidecar
+    assert led.may_hold_upload_of_size(BIG + 5)
+    led.close()
+
+
+def test_too_many_big_sizes_make_every_big_size_possible(
+    lpath: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its bound the size set is dropped and every big size counts as possibly uploaded."""
+    monkeypatch.setattr(ledger_mod, "_MAX_BIG_SIZES", 2)
+    _big_uploads(lpath)
+    led = JsonlLedger(lpath)
+    assert led.may_hold_upload_of_size(BIG + 3) is False
+    led.append(uploaded("/in/third.glb", sha="e" * 64, size=BIG + 4))
+    assert led.may_hold_upload_of_size(BIG + 3) is True
+    led.close()

@@ -12,7 +12,7 @@ import threading
 import zlib
 from array import array
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,15 +50,25 @@ _BLOCK = 1 << 20
 # is used only if it starts where the previous one ended, its payload CRC matches, and the
 # ledger still holds its range (length and a CRC of the bytes before its end). Anything else
 # ends the replay there and the rest of the ledger is parsed as usual.
-_IDX_MAGIC = b"tripo-watchd ledger index v1\n"
+_IDX_MAGIC = b"tripo-watchd ledger index v2\n"
 _IDX_HEADER = struct.Struct("<QQ")  # st_dev, st_ino of the ledger
-# b"CHNK", start, end, records, len(statuses JSON), len(paths), sha pairs, CRCs of the payload
-# and of the ledger's last _TAIL bytes before `end`
-_IDX_CHUNK = struct.Struct("<4sQQQQQQII")
+# b"CHNK", start, end, records, len(statuses JSON), len(paths), sha pairs, big upload sizes,
+# CRCs of the payload and of the ledger's last _TAIL bytes before `end`
+_IDX_CHUNK = struct.Struct("<4sQQQQQQQII")
 _TAIL = 256
 _FLUSH_RECORDS = 1 << 14
 
 _MAX_LINE_WARNINGS = 20
+
+# Sizes of uploaded records at least this big are kept, so the pipeline can tell that a big
+# file cannot be a duplicate without hashing it first. 5 MiB is the smallest multipart
+# threshold config allows, so every file the pipeline streams is covered.
+BIG_UPLOAD_BYTES = 5 * 1024 * 1024
+_BIG_DIGITS = len(str(BIG_UPLOAD_BYTES))
+_UNKNOWN_SIZE = (1 << 64) - 1  # an uploaded record without a size: it may be any size
+# More distinct big sizes than this and the set is dropped: every big size "may" be uploaded
+# (callers hash first, as without the set), so memory stays bounded whatever the ledger holds.
+_MAX_BIG_SIZES = 1 << 16
 
 
 class LedgerBackend(Protocol):
@@ -67,6 +77,7 @@ class LedgerBackend(Protocol):
     def append(self, record: Record) -> None: ...
     def last_for_path(self, path: str) -> Record | None: ...
     def uploaded_with_sha256(self, sha256: str) -> Record | None: ...
+    def may_hold_upload_of_size(self, size: int) -> bool: ...
     def is_done(self, path: str, size: int, mtime_ns: int) -> bool: ...
     def records(self, status: str | None = None) -> Iterator[Record]: ...
     def counts(self) -> dict[str, int]: ...
@@ -170,6 +181,8 @@ class JsonlLedger:
         self._status_ids: dict[str, int] = {}
         self._by_path: dict[int, bytes] = {}
         self._by_sha: dict[int, int] = {}
+        # Sizes >= BIG_UPLOAD_BYTES of uploaded records; None: too many to keep, assume any.
+        self._big_sizes: set[int] | None = set()
         self._counts: list[int] = []
         self._size = 0  # end of the last complete, fsync'd line
         self._written = 0  # end of the last complete line written; fsync'd up to _size
@@ -185,6 +198,7 @@ class JsonlLedger:
         self._dentries: list[bytes] = []
         self._dsha_keys: array[int] = array("Q")
         self._dsha_offsets: array[int] = array("Q")
+        self._dbig_sizes: array[int] = array("Q")
         self._dstart = 0
         self._idx_fd: int | None = None
         self._idx_tmp: Path | None = None  # a sidecar being built, renamed at the end of open
@@ -241,6 +255,10 @@ class JsonlLedger:
         self._by_path[pkey] = entry
         self._dpaths.append(path.encode("utf-8", "surrogatepass"))
         self._dentries.append(entry)
+        if status == "uploaded" and (size is None or size >= BIG_UPLOAD_BYTES):
+            big = _UNKNOWN_SIZE if size is None else size
+            self._dbig_sizes.append(big)
+            self._note_big_sizes((big,))
         if status == "uploaded" and sha256:
             skey = _sha_key(sha256)
             self._by_sha.setdefault(skey, offset)
@@ -287,6 +305,7 @@ class JsonlLedger:
         by_path, by_sha = self._by_path, self._by_sha
         dpaths, dentries = self._dpaths, self._dentries
         dsha_keys, dsha_offsets = self._dsha_keys, self._dsha_offsets
+        dbig_sizes = self._dbig_sizes
         sids: dict[bytes, int] = {}
         uploaded = self._status_id("uploaded")
         base = self._open_sidecar()  # file offset of block[0]
@@ -337,6 +356,13 @@ class JsonlLedger:
                         )
                         dpaths.append(raw_path)
                         dentries.append(entry)
+                        if sid == uploaded and (
+                            size is None
+                            or (len(size) >= _BIG_DIGITS and int(size) >= BIG_UPLOAD_BYTES)
+                        ):
+                            big = _UNKNOWN_SIZE if size is None else int(size)
+                            dbig_sizes.append(big)
+                            self._note_big_sizes((big,))
                         if sid == uploaded and sha is not None:
                             try:
                                 skey = int(sha[:15], 16)
@@ -431,6 +457,14 @@ class JsonlLedger:
     def _reset_index(self) -> None:
         self._by_path.clear()
         self._by_sha.clear()
+        self._big_sizes = set()
+
+    def _note_big_sizes(self, sizes: Iterable[int]) -> None:
+        """Add sizes of big uploads to the set, dropping it when it grows past its bound."""
+        if self._big_sizes is not None:
+            self._big_sizes.update(sizes)
+            if len(self._big_sizes) > _MAX_BIG_SIZES:
+                self._big_sizes = None
 
     def _replay(self, fd: int, pos: int, ledger_size: int) -> tuple[int, int]:
         """Apply the sidecar's chunks from `pos`; return (ledger offset covered, sidecar end)."""
@@ -441,8 +475,8 @@ class JsonlLedger:
             raw = os.pread(fd, _IDX_CHUNK.size, pos)
             if len(raw) < _IDX_CHUNK.size:
                 return covered, pos
-            tag, start, end, n, slen, plen, nsha, crc, tail_crc = _IDX_CHUNK.unpack(raw)
-            size = slen + plen + n * width + nsha * 16
+            tag, start, end, n, slen, plen, nsha, nbig, crc, tail_crc = _IDX_CHUNK.unpack(raw)
+            size = slen + plen + n * width + nsha * 16 + nbig * 8
             if tag != b"CHNK" or start != covered or end < start or end > ledger_size:
                 return covered, pos
             payload = os.pread(fd, size, pos + _IDX_CHUNK.size)
@@ -469,12 +503,14 @@ class JsonlLedger:
                         strict=True,
                     )
                 )
-            keys, offsets = array("Q"), array("Q")
+            keys, offsets, bigs = array("Q"), array("Q"), array("Q")
             at = slen + plen + n * width
             keys.frombytes(payload[at : at + nsha * 8])
-            offsets.frombytes(payload[at + nsha * 8 :])
+            offsets.frombytes(payload[at + nsha * 8 : at + nsha * 16])
+            bigs.frombytes(payload[at + nsha * 16 :])
             # setdefault: the first upload of a content wins, as when parsing.
             deque(map(by_sha.setdefault, keys, offsets), maxlen=0)
+            self._note_big_sizes(bigs)
             covered = end
             pos += _IDX_CHUNK.size + size
 
@@ -494,6 +530,7 @@ class JsonlLedger:
                         *self._dentries,
                         self._dsha_keys.tobytes(),
                         self._dsha_offsets.tobytes(),
+                        self._dbig_sizes.tobytes(),
                     )
                 )
                 try:
@@ -506,6 +543,7 @@ class JsonlLedger:
                         len(statuses),
                         len(paths),
                         len(self._dsha_keys),
+                        len(self._dbig_sizes),
                         zlib.crc32(payload),
                         zlib.crc32(tail),
                     )
@@ -517,6 +555,7 @@ class JsonlLedger:
         self._dentries.clear()
         del self._dsha_keys[:]
         del self._dsha_offsets[:]
+        del self._dbig_sizes[:]
 
     def _sidecar_failed(self, error: OSError | None) -> None:
         """Stop writing the sidecar for this run; its chunks so far stay valid."""
@@ -674,6 +713,17 @@ class JsonlLedger:
         if data is None or data.get("sha256") != sha256:
             return None
         return Record.from_dict(data)
+
+    def may_hold_upload_of_size(self, size: int) -> bool:
+        """False only if no 'uploaded' record has this size, so a file of it is no duplicate.
+
+        Sizes below BIG_UPLOAD_BYTES are not tracked: for them this is always True.
+        """
+        if size < BIG_UPLOAD_BYTES:
+            return True
+        with self._lock:
+            sizes = self._big_sizes
+            return sizes is None or size in sizes or _UNKNOWN_SIZE in sizes
 
     def is_done(self, path: str, size: int, mtime_ns: int) -> bool:
         """True if the latest record for `path` is uploaded, rejected or failed for good, at this

@@ -17,6 +17,7 @@ import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_any
 from tenacity.stop import stop_base
 
+from tripo_watchd.digest import StreamDigest
 from tripo_watchd.errors import (
     AuthError,
     CredentialsExpired,
@@ -131,7 +132,7 @@ class Pipeline:
             sha256=sha256,
             format=accepted.kind.format,
         )
-        earlier = self._earlier_upload(base)
+        earlier = self._earlier_upload(base) if sha256 is not None else None
         if earlier is not None:
             shared = {k: v for k, v in earlier.to_dict().items() if k in _DESTINATION_FIELDS}
             record = replace(base, **shared, duplicate_of=earlier.path)
@@ -154,9 +155,11 @@ class Pipeline:
             )
             return self._record(failed, logger)
         self._check_unchanged(path, signature)
+        if sha256 is None:
+            sha256 = self._sha256_after_upload(path, body, signature, logger)
         shared = {k: v for k, v in destination.ledger_fields().items() if v is not None}
         seconds = round(time.monotonic() - started, 3)
-        record = replace(base, **shared, attempts=attempts, seconds=seconds)
+        record = replace(base, **shared, sha256=sha256, attempts=attempts, seconds=seconds)
         return self._finish(path, self._record(record, logger))
 
     def _reject(self, path: Path, reason: str, logger: Any) -> Record:
@@ -174,7 +177,8 @@ class Pipeline:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _read(self, path: Path) -> tuple[Accepted, Signature, str, Body]:
+    def _read(self, path: Path) -> tuple[Accepted, Signature, str | None, Body]:
+        """Check and sign the file; hash it now unless its upload can hash it (sha256 None)."""
         st = os.lstat(path)
         real = path
         if stat.S_ISLNK(st.st_mode):
@@ -208,15 +212,52 @@ class Pipeline:
                 body = Body(real, len(data), data)
             else:
                 accepted = inspect(path.name, stream, signature.size, self._settings.limits)
-                stream.seek(0)
-                digest = hashlib.sha256()
-                while chunk := stream.read(_READ_CHUNK):
-                    digest.update(chunk)
-                sha256 = digest.hexdigest()
-                body = Body(real, signature.size)
+                if self._hash_first(path, signature.size):
+                    stream.seek(0)
+                    sha256 = _sha256_of(stream)
+                    body = Body(real, signature.size)
+                else:
+                    sha256 = None
+                    body = Body(real, signature.size, digest=StreamDigest(signature.size))
             if Signature.of(os.fstat(stream.fileno())) != signature:
                 raise FileChanged("the file changed while it was read")
         return accepted, signature, sha256, body
+
+    def _hash_first(self, path: Path, size: int) -> bool:
+        """Whether a big file must be hashed before its upload, or its upload can hash it.
+
+        Only an earlier upload of the same size can be a duplicate (content dedupe) or the
+        same file again (path dedupe); without one the file is read once, while it is sent.
+        """
+        mode = self._settings.pipeline.dedupe
+        if self._dry_run:
+            return True  # nothing is sent, so nothing could hash it
+        if mode == "content":
+            return self._ledger.may_hold_upload_of_size(size)
+        if mode == "path":
+            last = self._ledger.last_for_path(str(path))
+            return last is not None and last.status == "uploaded" and last.size in (None, size)
+        return False
+
+    def _sha256_after_upload(
+        self, path: Path, body: Body, signature: Signature, logger: Any
+    ) -> str | None:
+        """The sha256 the upload took on the way, or (if it skipped bytes) one of a new pass.
+
+        None if the file is gone before that pass: it was sent whole, but its content is unknown.
+        """
+        sha256 = body.digest.hexdigest() if body.digest is not None else None
+        if sha256 is not None:
+            return sha256
+        logger.info("file.hash_pass_after_upload", size=signature.size)
+        try:
+            with open(body.path, "rb") as stream:
+                sha256 = _sha256_of(stream)
+        except OSError as exc:
+            logger.warning("file.unhashed", reason=str(exc))
+            return None
+        self._check_unchanged(path, signature)
+        return sha256
 
     def _check_unchanged(self, path: Path, signature: Signature) -> None:
         try:
@@ -341,6 +382,14 @@ class Pipeline:
             if path.is_relative_to(root):
                 return path.relative_to(root)
         return None
+
+
+def _sha256_of(stream: Any) -> str:
+    """The SHA-256 of the rest of `stream`, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    while chunk := stream.read(_READ_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 _DESTINATION_FIELDS = {"protocol", "bucket", "key", "uri", "file_token", "task_file", "endpoint"}

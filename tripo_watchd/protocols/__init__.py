@@ -7,16 +7,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from tripo_watchd.digest import StreamDigest
 from tripo_watchd.formats import FileKind
 
 
 @dataclass(frozen=True)
 class Body:
-    """The bytes of one file: in memory when small (read once), else the path to stream from."""
+    """The bytes of one file: in memory when small (read once), else the path to stream from.
+
+    A streamed body may carry a `digest` that every stream opened to send it feeds.
+    """
 
     path: Path
     size: int
     data: bytes | None = field(default=None, repr=False)
+    digest: StreamDigest | None = field(default=None, repr=False, compare=False)
 
 
 ProgressFactory = Callable[[Body], Callable[[int], None] | None]

@@ -252,6 +252,10 @@ def bandwidth_for(settings: S3Settings) -> Bandwidth | None:
 
 
 def open_for_upload(body: Body) -> Any:
-    """Open the file to stream it, refusing to follow a symlink swapped in since it was checked."""
+    """Open the file to stream it, refusing to follow a symlink swapped in since it was checked.
+
+    If the body carries a digest, the stream feeds it (it goes innermost, under any pacing).
+    """
     fd = os.open(body.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC)
-    return os.fdopen(fd, "rb")
+    stream = os.fdopen(fd, "rb")
+    return stream if body.digest is None else body.digest.reader(stream)
