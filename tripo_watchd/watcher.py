@@ -15,7 +15,6 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
 import structlog
 from watchdog.events import (
@@ -34,6 +33,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
+from tripo_watchd.inotify import LIMITS, inotify_observer, limit_help
 from tripo_watchd.mounts import Mount, fs_type_for, inotify_limit, is_remote_fs, read_mounts
 from tripo_watchd.readiness import ReadinessTable, Verdict
 from tripo_watchd.settings import WatchSettings
@@ -49,9 +49,6 @@ warnings.filterwarnings(
 _IS_LINUX = sys.platform.startswith("linux")
 _CHECK_BATCH = 1000  # stats per tick at most, so one tick never stalls for long
 _OFFER_BATCH = 256
-# errno of a refused inotify call -> the sysctl (under fs.inotify.) that sets the limit.
-_LIMITS = {errno.ENOSPC: "max_user_watches", errno.EMFILE: "max_user_instances"}
-_SUGGESTED = {"max_user_watches": 524288, "max_user_instances": 1024}
 _OVERFLOW_BURST_GAP = 60.0  # overflows closer together than this are one burst: one log line
 
 
@@ -69,95 +66,6 @@ _WANTED_EVENTS: list[type[FileSystemEvent]] = [
     DirDeletedEvent,
     DirModifiedEvent,
 ]
-
-
-def _limit_help(exc: OSError) -> dict[str, object]:
-    """Log fields naming the inotify limit behind `exc`, its value and how to raise it."""
-    name = _LIMITS.get(exc.errno or 0, "max_user_watches")
-    return {
-        "limit": f"fs.inotify.{name}",
-        "limit_value": inotify_limit(name),
-        "error": str(exc),
-        "detail": (
-            f"inotify limit fs.inotify.{name} reached; polling instead. Raise it with "
-            f"`sudo sysctl -w fs.inotify.{name}={_SUGGESTED[name]}` and keep it in "
-            "/etc/sysctl.d/90-tripo-watchd.conf"
-        ),
-    }
-
-
-def _inotify_observer(
-    on_limit: Callable[[str, OSError], None], on_overflow: Callable[[str], None]
-) -> BaseObserver:
-    """An InotifyObserver that also reports what watchdog 7.x handles silently.
-
-    watchdog raises an inotify limit error only for the root of a watch; a subdirectory it cannot
-    watch (at scheduling, or created later) is skipped without a word. On a queue overflow it
-    re-adds the watches but emits no event. Each watch group therefore gets a stand-in for the
-    shared InotifyFD that reports limit errors before passing them on, and an overflow hook.
-    With a watchdog lacking these internals the plain observer is used: limits are then seen
-    only at the root, and overflows only by the periodic rescan.
-    """
-    from watchdog.observers.inotify import InotifyObserver
-
-    observer = InotifyObserver(generate_full_events=True)
-    try:
-        from watchdog.observers.inotify import InotifyFullEmitter, InotifyWatchGroup
-        from watchdog.observers.inotify_c import (
-            CallbackId,
-            InotifyFD,
-            Mask,
-            WatchCallback,
-            WatchDescriptor,
-        )
-    except ImportError:
-        log.warning("watch.limit_hooks_unavailable", detail="watchdog internals differ")
-        return observer
-    if getattr(observer, "_emitter_class", None) is not InotifyFullEmitter or not hasattr(
-        InotifyWatchGroup, "on_queue_overflow"
-    ):
-        log.warning("watch.limit_hooks_unavailable", detail="watchdog internals differ")
-        return observer
-
-    class Spy:
-        """The shared InotifyFD as one watch group sees it, reporting refused watches."""
-
-        def __init__(self, fd: InotifyFD, key: str) -> None:
-            self._fd = fd
-            self._key = key
-
-        def add_callback(
-            self, path: bytes, mask: Mask, callback: WatchCallback, id_: CallbackId
-        ) -> WatchDescriptor:
-            try:
-                return self._fd.add_callback(path, mask, callback, id_)
-            except OSError as exc:
-                if exc.errno in _LIMITS:
-                    on_limit(self._key, exc)
-                raise
-
-        def remove_callbacks(self, callbacks: list[tuple[WatchDescriptor, CallbackId]]) -> None:
-            self._fd.remove_callbacks(callbacks)
-
-    class Group(InotifyWatchGroup):
-        def on_queue_overflow(self) -> None:
-            super().on_queue_overflow()  # watches are re-added first, so a rescan misses nothing
-            on_overflow(os.fsdecode(self.path))
-
-    class Emitter(InotifyFullEmitter):
-        def on_thread_start(self) -> None:
-            # InotifyEmitter.on_thread_start, with the spy standing in for the shared InotifyFD.
-            key = os.fsdecode(self.watch.path)
-            self._inotify = Group(
-                cast(InotifyFD, Spy(self._inotify_fd, key)),
-                os.fsencode(self.watch.path),
-                is_recursive=self.watch.is_recursive,
-                event_mask=self.get_event_mask_from_filter(),
-                follow_symlink=self.watch.follow_symlink,
-            )
-
-    observer._emitter_class = Emitter
-    return observer
 
 
 class _Root:
@@ -277,15 +185,15 @@ class Watcher:
         try:
             if _IS_LINUX:
                 # Full events tell a file moved in from outside apart from a fresh create.
-                observer = _inotify_observer(self._inotify_limit_hit, self._inotify_overflowed)
+                observer = inotify_observer(self._inotify_limit_hit, self._inotify_overflowed)
             else:
                 observer = Observer()
             observer.start()
             return observer
         except OSError as exc:
             paths = [r.key for r in self._roots if r.want == "native"]
-            if exc.errno in _LIMITS:
-                log.error("watch.inotify_limit", paths=paths, **_limit_help(exc))
+            if exc.errno in LIMITS:
+                log.error("watch.inotify_limit", paths=paths, **limit_help(exc))
             else:
                 log.error("watch.native_failed", paths=paths, error=str(exc))
             return None
@@ -434,7 +342,7 @@ class Watcher:
                         event_filter=_WANTED_EVENTS,
                     )
                 except OSError as exc:
-                    if exc.errno in _LIMITS:
+                    if exc.errno in LIMITS:
                         root.limit_error = exc
                     else:
                         log.error("watch.native_failed", path=root.key, error=str(exc))
@@ -460,7 +368,7 @@ class Watcher:
         root.dirs.clear()
         if exc.errno == errno.ENOSPC:
             root.fallback_limit = inotify_limit("max_user_watches")
-        log.error("watch.inotify_limit", path=root.key, **_limit_help(exc))
+        log.error("watch.inotify_limit", path=root.key, **limit_help(exc))
 
     def _retry_native(self, root: _Root) -> None:
         """After the watch limit was raised, a root that fell back to polling is watched again."""
