@@ -124,7 +124,7 @@ class _Channel:
         if settings.max_bandwidth and (route.endpoint_url or "https").startswith("https"):
             # Otherwise botocore reads the body twice (hash, then send) and halves the cap.
             s3_options["payload_signing_enabled"] = False
-        plain_http = (route.endpoint_url or "https").startswith("http://")
+        paced_http = bool(settings.max_bandwidth) and (route.endpoint_url or "").startswith("http://")
         config = Config(
             region_name=route.region,
             signature_version="s3v4",
@@ -137,7 +137,7 @@ class _Channel:
             # Over https botocore's default sends a CRC32 the server checks, and then skips
             # SHA-256-signing every byte. Over plain http (loopback servers) the body is
             # signed anyway, so a CRC32 would only be a second pass over it.
-            request_checksum_calculation="when_required" if plain_http else "when_supported",
+            request_checksum_calculation="when_required" if paced_http else "when_supported",
         )
         verify: str | bool = str(settings.ca_bundle) if settings.ca_bundle else True
         self.client = boto3.Session(botocore_session=core).client(
