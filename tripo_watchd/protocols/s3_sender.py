@@ -124,7 +124,9 @@ class _Channel:
         if settings.max_bandwidth and (route.endpoint_url or "https").startswith("https"):
             # Otherwise botocore reads the body twice (hash, then send) and halves the cap.
             s3_options["payload_signing_enabled"] = False
-        paced_http = bool(settings.max_bandwidth) and (route.endpoint_url or "").startswith("http://")
+        paced_http = bool(settings.max_bandwidth) and (route.endpoint_url or "").startswith(
+            "http://"
+        )
         config = Config(
             region_name=route.region,
             signature_version="s3v4",
