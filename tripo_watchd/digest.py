@@ -7,6 +7,8 @@ import io
 import threading
 from typing import IO
 
+from tripo_watchd.streams import StreamWrapper
+
 
 class StreamDigest:
     """One file's SHA-256, fed by the streams that upload it (one per attempt).
@@ -47,7 +49,7 @@ class StreamDigest:
             return self._sha.hexdigest()
 
 
-class HashingReader:
+class HashingReader(StreamWrapper):
     """A read-only, seekable file-like that feeds every read to a StreamDigest.
 
     It composes with ThrottledReader (wrap this one in it) and is usable directly as boto3's
@@ -55,7 +57,7 @@ class HashingReader:
     """
 
     def __init__(self, stream: IO[bytes], digest: StreamDigest) -> None:
-        self._stream = stream
+        super().__init__(stream)
         self._digest = digest
         self._position = stream.tell()
 
@@ -71,22 +73,3 @@ class HashingReader:
 
     def tell(self) -> int:
         return self._position
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self._stream.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._stream.closed
-
-    def __enter__(self) -> HashingReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from tripo_watchd.streams import StreamWrapper
+
 _UNITS = {
     "": 1,
     "K": 1000,
@@ -78,7 +80,7 @@ class Bandwidth:
             (stop or threading.Event()).wait(delay)
 
 
-class ThrottledReader:
+class ThrottledReader(StreamWrapper):
     """A read-only file-like over a file object or bytes, paced by a shared Bandwidth.
 
     Usable as boto3's `put_object(Body=...)` and as s3transfer's `upload(fileobj)`: it has
@@ -95,7 +97,7 @@ class ThrottledReader:
         callback: Callable[[int], Any] | None = None,
         stop: threading.Event | None = None,
     ) -> None:
-        self._stream: IO[bytes] = io.BytesIO(source) if isinstance(source, bytes) else source
+        super().__init__(io.BytesIO(source) if isinstance(source, bytes) else source)
         self._bandwidth = bandwidth
         self._callback = callback
         self._stop = stop
@@ -137,33 +139,8 @@ class ThrottledReader:
         self._high_water = max(self._high_water, position)
         return chunk
 
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self._stream.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._stream.tell()
-
     def __len__(self) -> int:
         return self._size
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self._stream.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._stream.closed
-
-    def __enter__(self) -> ThrottledReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 _shared: dict[float, Bandwidth] = {}
