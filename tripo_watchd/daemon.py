@@ -261,7 +261,7 @@ class Daemon:
     def _handle(self, pipeline: Pipeline, path: Path) -> None:
         with self._lock:
             self._busy += 1
-        requeue_later = False
+        then: Callable[[], None] | None = None  # what to do with the path once it is released
         try:
             record = pipeline.process(path)
             if record.attempts:  # the API took the key for this file
@@ -272,13 +272,12 @@ class Daemon:
                 self._hooks.submit(record.to_json(), record.status)
         except FileChanged as exc:
             log.info("file.changed", path=str(path), reason=exc.message)
-            requeue_later = True
+            watcher = self._watcher
+            if watcher is not None:
+                then = lambda: watcher.requeue(path)  # noqa: E731
         except AuthError as exc:
             self._pause_for_auth(exc)
-            with self._lock:
-                self._in_flight.discard(path)
-            self._offer_again(path)
-            return
+            then = lambda: self._offer_again(path)  # noqa: E731
         except TripoWatchdError as exc:
             log.info("file.deferred", path=str(path), reason=exc.message)
         except Exception:  # a bug must never stop the daemon: log it, keep the file pending
@@ -288,13 +287,9 @@ class Daemon:
         finally:
             with self._lock:
                 self._busy -= 1
-                if not requeue_later:
-                    self._in_flight.discard(path)
-        if requeue_later:
-            with self._lock:
                 self._in_flight.discard(path)
-            if self._watcher is not None:
-                self._watcher.requeue(path)
+        if then is not None:
+            then()
 
     def _offer_again(self, path: Path) -> None:
         while not self._stop.is_set() and not self._offer(path):

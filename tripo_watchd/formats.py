@@ -106,11 +106,10 @@ def kind_for_name(name: str) -> FileKind | None:
     return _KINDS.get(PurePath(name).suffix.lower())
 
 
-def inspect(name: str, data: BinaryIO, size: int, limits: LimitsSettings) -> Accepted:
-    """Check a file against what Tripo accepts, reading only headers and tails.
+def precheck(name: str, size: int, limits: LimitsSettings) -> FileKind:
+    """The checks that need no byte of the file: empty, extension, size cap.
 
-    Raises RejectedFile with one sentence for a person, or FileChanged if the stream turns out
-    shorter than `size` (the file shrank while it was checked).
+    Raises RejectedFile with the reason; callers run it before opening or reading anything.
     """
     if size <= 0:
         raise RejectedFile("the file is empty")
@@ -122,6 +121,17 @@ def inspect(name: str, data: BinaryIO, size: int, limits: LimitsSettings) -> Acc
     if size > cap:
         shown, allowed = _sizes(size, cap)
         raise RejectedFile(f"the file is {shown}; {kind.kind}s may be at most {allowed}")
+    return kind
+
+
+def inspect(name: str, data: BinaryIO, size: int, limits: LimitsSettings) -> Accepted:
+    """Check a file against what Tripo accepts, reading only headers and tails.
+
+    Raises RejectedFile with one sentence for a person, or FileChanged if the stream turns out
+    shorter than `size` (the file shrank while it was checked).
+    """
+    kind = precheck(name, size, limits)
+    suffix = PurePath(name).suffix.lower()
     reader = _Reader(data, size)
     if kind.kind == "model":
         _MODEL_CHECKS[kind.format](reader, suffix)

@@ -27,7 +27,7 @@ from tripo_watchd.errors import (
     RejectedFile,
     TripoWatchdError,
 )
-from tripo_watchd.formats import Accepted, inspect, kind_for_name
+from tripo_watchd.formats import Accepted, inspect, precheck
 from tripo_watchd.ledger import LedgerBackend
 from tripo_watchd.metrics import MetricsSink, NullMetrics
 from tripo_watchd.placement import move_into
@@ -189,10 +189,7 @@ class Pipeline:
             st = os.stat(real)
         if not stat.S_ISREG(st.st_mode):
             raise RejectedFile(f"the path is {describe_file_type(st.st_mode)}, not a regular file")
-        kind = kind_for_name(path.name)
-        if kind is None:
-            inspect(path.name, io.BytesIO(), st.st_size, self._settings.limits)  # raises the reason
-            raise RejectedFile("the file type is not supported")
+        precheck(path.name, st.st_size, self._settings.limits)  # before a byte is read
         fd = os.open(
             real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
         )

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -27,6 +26,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from tripo_watchd.sandbox.s3server import S3Server
+from tripo_watchd.sandbox.service import Service
 
 FORMATS = ("webp", "jpeg", "png", "glb", "obj", "fbx", "stl")
 TOKEN_PATH = "/v2/openapi/upload/sts/token"
@@ -166,7 +166,7 @@ def _fake_key(prefix: str, length: int, alphabet: str) -> str:
     return prefix + "".join(secrets.choice(alphabet) for _ in range(length))
 
 
-class TripoEmulator:
+class TripoEmulator(Service):
     """The Tripo API on 127.0.0.1 over real HTTP, minting credentials on an `S3Server`."""
 
     def __init__(
@@ -242,17 +242,6 @@ class TripoEmulator:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-
-    def __enter__(self) -> TripoEmulator:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- faults ----------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
+
+from tripo_watchd.sandbox.service import Service
 
 __all__ = ["FAULT_KINDS", "FaultProxy", "ProxyStats", "s3_error_response"]
 
@@ -105,7 +106,7 @@ class _Conn:
         self.proxy._forget(self)
 
 
-class FaultProxy:
+class FaultProxy(Service):
     """Forwards 127.0.0.1:`port` to `upstream`, misbehaving on demand; every control is live.
 
     A fault applies per exchange: a connection, or with `http=True` each HTTP/1.1 request
@@ -172,17 +173,6 @@ class FaultProxy:
             conns = list(self._conns)
         for conn in conns:
             conn.close()
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _listen(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

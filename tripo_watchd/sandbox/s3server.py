@@ -12,11 +12,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
 import boto3
 from botocore.config import Config
+
+from tripo_watchd.sandbox.service import Service
 
 REGION = "us-west-2"
 BUCKET = "tripo-data"
@@ -59,7 +60,7 @@ def upload_policy(bucket: str, key: str) -> str:
     )
 
 
-class S3Server:
+class S3Server(Service):
     """moto's server as a subprocess on 127.0.0.1, with an `admin` user and bucket `tripo-data`."""
 
     def __init__(
@@ -148,17 +149,6 @@ class S3Server:
             self._tmp.cleanup()
             self._tmp = None
             self._log_dir = None
-
-    def __enter__(self) -> S3Server:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _wait_listening(self) -> None:
         # A bare TCP connect: an HTTP probe would spend one of the unauthenticated calls.
