@@ -113,6 +113,8 @@ def test_bytes_pass_through_unchanged_and_are_counted(raw):
     """Data sent through the proxy reaches the upstream and comes back byte for byte, counted."""
     data = bytes(range(256)) * 4096
     assert roundtrip(raw, data) == data
+    # The proxy counts a chunk after forwarding it: the peer may see the bytes first.
+    wait_for(lambda: raw.stats().bytes_up == raw.stats().bytes_down == len(data), timeout=5)
     stats = raw.stats()
     assert stats.connections == 1 and stats.bytes_up == stats.bytes_down == len(data)
     assert stats.faults_total == 0 and raw.url == f"http://127.0.0.1:{raw.port}"
