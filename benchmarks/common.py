@@ -393,9 +393,12 @@ def aws_env(
     chunk_mib: int,
     concurrency: int,
     checksums: str = "when_required",
+    sign_payload: bool = True,
 ) -> dict[str, str]:
     """Environment for `python -m awscli` signing with `creds`: no profile, the region of the
-    servers, multipart chunk size / threshold and concurrency as given, in its own config file."""
+    servers, multipart chunk size / threshold and concurrency as given, in its own config file.
+    `sign_payload=False` sends bodies as UNSIGNED-PAYLOAD (as the daemon does when a CRC32 goes
+    with them)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "aws-config"
     lines = [
@@ -407,6 +410,8 @@ def aws_env(
         f"  max_concurrent_requests = {concurrency}",
         "  addressing_style = path",
     ]
+    if not sign_payload:
+        lines.append("  payload_signing_enabled = false")
     if checksums != "default":
         lines += [
             f"request_checksum_calculation = {checksums}",

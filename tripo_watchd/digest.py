@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import IO
 
 from tripo_watchd.streams import StreamWrapper
+
+_HASHER_NICENESS = 10  # relative to the process; Linux gives every thread its own niceness
 
 
 class StreamDigest:
@@ -36,6 +42,43 @@ class StreamDigest:
                 return
             self._sha.update(memoryview(data)[self._hashed - position :])
             self._hashed = end
+
+    def hash_file(self, fd: int, stop: threading.Event, chunk: int = 1 << 20) -> None:
+        """Hash the file open at `fd` from the high-water mark to `size` (pread: offset kept)."""
+        with self._lock:
+            position = self._hashed
+        while position < self.size and not stop.is_set():
+            data = os.pread(fd, min(chunk, self.size - position), position)
+            if not data:
+                return  # shorter than signed: the digest stays incomplete, so None
+            self.feed(position, data)
+            position += len(data)
+
+    def _hash_file_politely(self, fd: int, stop: threading.Event) -> None:
+        # Bookkeeping, not the transfer: on a busy machine the bytes on the wire go first.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _HASHER_NICENESS)
+        self.hash_file(fd, stop)
+
+    @contextmanager
+    def alongside(self, fd: int) -> Iterator[None]:
+        """Hash the file at `fd` in a thread of its own while the body runs (parallel readers).
+
+        hashlib releases the GIL on large buffers, so this costs the sender no throughput.
+        A failed body stops the thread early: the next attempt resumes from the mark.
+        """
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._hash_file_politely, args=(fd, stop), name="tripo-sha256", daemon=True
+        )
+        thread.start()
+        try:
+            yield
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            thread.join()
 
     def reader(self, stream: IO[bytes]) -> HashingReader:
         """`stream` (an open file at any position) wrapped so that its reads feed this digest."""

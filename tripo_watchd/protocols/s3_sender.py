@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,6 +41,7 @@ _REGION_IN_HOST = re.compile(
     r"^s3[.-](?:dualstack\.)?([a-z]{2}(?:-gov)?-[a-z]+-\d)\.amazonaws\.com"
 )
 _EXPIRED_CODES = {"ExpiredToken", "InvalidAccessKeyId", "InvalidToken", "TokenRefreshRequired"}
+_PROC_FD = Path("/proc/self/fd")
 _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "NoSuchBucket", "InvalidBucketName"}
 
 
@@ -121,12 +124,14 @@ class _Channel:
             s3_options["use_accelerate_endpoint"] = True
         elif not route.endpoint_url.startswith("https://s3"):
             s3_options["addressing_style"] = "path"
-        if settings.max_bandwidth and (route.endpoint_url or "https").startswith("https"):
-            # Otherwise botocore reads the body twice (hash, then send) and halves the cap.
-            s3_options["payload_signing_enabled"] = False
         paced_http = bool(settings.max_bandwidth) and (route.endpoint_url or "").startswith(
             "http://"
         )
+        if not paced_http:
+            # Every body carries a CRC32 (below) that S3 checks. Over https botocore then skips
+            # SHA-256-signing the body; over http (loopback only) it would sign anyway: a
+            # second full pass over every byte that protects nothing the CRC32 does not.
+            s3_options["payload_signing_enabled"] = False
         config = Config(
             region_name=route.region,
             signature_version="s3v4",
@@ -136,9 +141,7 @@ class _Channel:
             read_timeout=settings.read_timeout_seconds,
             max_pool_connections=max(2, settings.max_concurrency + 1),
             tcp_keepalive=True,
-            # Over https botocore's default sends a CRC32 the server checks, and then skips
-            # SHA-256-signing every byte. Over plain http (loopback servers) the body is
-            # signed anyway, so a CRC32 would only be a second pass over it.
+            # Paced over http, the body is SHA-256-signed instead (one unpaced pass either way).
             request_checksum_calculation="when_required" if paced_http else "when_supported",
         )
         verify: str | bool = str(settings.ca_bundle) if settings.ca_bundle else True
@@ -214,32 +217,55 @@ class S3Sender:
         channel.credentials.swap(creds)
         progress = self.progress_for(body)
         paced = self._bandwidth is not None or progress is not None
+        multipart = body.size >= self._settings.multipart_threshold_bytes
         try:
             if body.data is not None:
                 data: Any = body.data
                 if paced:
                     data = ThrottledReader(body.data, self._bandwidth, callback=progress)
                 channel.client.put_object(Bucket=bucket, Key=key, Body=data)
-                return
-            with open_for_upload(body) as stream:
-                if body.size < self._settings.multipart_threshold_bytes:
+            elif multipart and self._bandwidth is None and _PROC_FD.is_dir():
+                self._put_parts_in_parallel(channel, bucket, key, body, progress)
+            else:
+                with open_for_upload(body) as stream:
                     source: Any = stream
                     if paced:
                         source = ThrottledReader(stream, self._bandwidth, callback=progress)
-                    channel.client.put_object(Bucket=bucket, Key=key, Body=source)
-                    return
-                if self._bandwidth is not None:
-                    # Paced reads are the real pace: report progress from them, not per part.
-                    source = ThrottledReader(stream, self._bandwidth, callback=progress)
-                    subscribers = None
-                else:
-                    source = stream
-                    subscribers = [ProgressCallbackInvoker(progress)] if progress else None
-                channel.manager().upload(source, bucket, key, subscribers=subscribers).result()
+                    if multipart:
+                        # Paced reads are the real pace: progress comes from them, not per part.
+                        channel.manager().upload(source, bucket, key).result()
+                    else:
+                        channel.client.put_object(Bucket=bucket, Key=key, Body=source)
         except (ClientError, BotoCoreError) as exc:
             raise map_s3_error(exc) from exc
         except OSError as exc:
             raise map_s3_error(exc) from exc
+
+    def _put_parts_in_parallel(
+        self,
+        channel: _Channel,
+        bucket: str,
+        key: str,
+        body: Body,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        """Multipart upload in which every part is read by the thread that sends it.
+
+        s3transfer reads a file object's parts one after another in one thread, but opens a
+        file *name* once per part, in that part's thread. The name given is /proc/self/fd/N of
+        the descriptor opened here (O_NOFOLLOW), so every part reads this very inode even if the
+        path is swapped meanwhile; the digest hashes the file in a thread of its own alongside.
+        """
+        fd = open_nofollow(body.path)
+        try:
+            hashing = body.digest.alongside(fd) if body.digest is not None else nullcontext()
+            subscribers = [ProgressCallbackInvoker(progress)] if progress else None
+            with hashing:
+                channel.manager().upload(
+                    str(_PROC_FD / str(fd)), bucket, key, subscribers=subscribers
+                ).result()
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         for channel in self._channels.values():
@@ -253,11 +279,15 @@ def bandwidth_for(settings: S3Settings) -> Bandwidth | None:
     return shared_bandwidth(parse_rate(rate)) if rate else None
 
 
+def open_nofollow(path: Path) -> int:
+    """A read-only descriptor of `path`, refusing a symlink swapped in since it was checked."""
+    return os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC)
+
+
 def open_for_upload(body: Body) -> Any:
     """Open the file to stream it, refusing to follow a symlink swapped in since it was checked.
 
     If the body carries a digest, the stream feeds it (it goes innermost, under any pacing).
     """
-    fd = os.open(body.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC)
-    stream = os.fdopen(fd, "rb")
+    stream = os.fdopen(open_nofollow(body.path), "rb")
     return stream if body.digest is None else body.digest.reader(stream)
