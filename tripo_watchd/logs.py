@@ -131,8 +131,8 @@ def _is_secret_key(key: object) -> bool:
 
 
 def _scrub(value: Any, depth: int = 0) -> Any:
-    if isinstance(value, str):
-        return scrub_text(value)
+    # Strings are left to the rendered line's scrub (`_scrubbed`): one pass over the line
+    # instead of one per value, which was a third of the cost of every log line.
     if isinstance(value, Secret):
         return MASK
     if depth > 20:  # a cycle or absurd nesting: the rendered line is still scrubbed
@@ -145,7 +145,11 @@ def _scrub(value: Any, depth: int = 0) -> Any:
 
 
 def redact(logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
-    """structlog processor: mask secret keys (nested too), Secret values and registered values."""
+    """structlog processor: mask secret keys (nested too) and Secret values.
+
+    Registered values and secret-shaped text are masked in the rendered line by `_scrubbed`,
+    which must come last.
+    """
     return {k: MASK if _is_secret_key(k) else _scrub(v) for k, v in event_dict.items()}
 
 
