@@ -51,13 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--direct", action="store_true", help="talk to moto directly instead of the proxy"
     )
+    parser.add_argument("--s3", choices=("moto", "seaweedfs"), default="moto", help="local S3")
     args = parser.parse_args(argv)
     size = args.mib * MIB
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; S3: {args.s3}")
     with tempfile.TemporaryDirectory(prefix="tripo-bench-big-") as tmp:
         root = Path(tmp)
         inbox = root / "inbox"
-        with Servers(root / "servers") as servers:
+        with Servers(root / "servers", args.s3) as servers:
             servers.command(f"rtt {args.rtt_ms}")
             endpoint = servers.s3_direct if args.direct else servers.s3_proxy
             config = write_config(

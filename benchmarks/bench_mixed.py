@@ -63,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=8, help="daemon workers = aws requests")
     parser.add_argument("--chunk-mib", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--s3", choices=("moto", "seaweedfs"), default="moto", help="local S3")
     args = parser.parse_args(argv)
     plan = sizes(args.files, args.seed)
     total = sum(plan)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; S3: {args.s3}")
     print(
         f"{len(plan)} files, {total / MIB:.0f} MiB in all (seed {args.seed}): "
         f"{sum(s < MIB for s in plan)} < 1 MiB, {sum(MIB <= s < 16 * MIB for s in plan)} "
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         make_folder(data, plan)
         inbox = root / "inbox"
         inbox.mkdir()
-        with Servers(root / "servers") as servers:
+        with Servers(root / "servers", args.s3) as servers:
             endpoint = servers.s3_proxy
             # -- the baseline: one credential set for the prefix, aws s3 cp --recursive ------
             creds = servers.command("creds bench-aws/*")

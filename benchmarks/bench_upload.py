@@ -273,13 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="also cProfile N files through one pipeline worker",
     )
+    parser.add_argument("--s3", choices=("moto", "seaweedfs"), default="moto", help="local S3")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="tripo-bench-upload-") as tmp:
         root = Path(tmp)
         log_file = open(root / "pipeline.log", "w")  # noqa: SIM115
         configure_logging(json_output=True, level="info", stream=log_file)
-        print(f"machine: {machine()}; S3 proxy RTT {args.rtt_ms:g} ms")
+        print(f"machine: {machine()}; S3: {args.s3}, proxy RTT {args.rtt_ms:g} ms")
         print(f"writing {2 * args.files + args.sdk_files + args.profile} × {args.size} B GLB files")
         w = args.workers
         rounds = max(1, args.rounds)
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe_files = write_files(root / "inbox", args.files, args.size, start=20_000_000)
         sdk_files = write_files(root / "sdk", args.sdk_files, args.size, start=30_000_000)
         prof_files = write_files(root / "prof", args.profile, args.size, start=40_000_000)
-        with Servers(root / "servers") as servers:
+        with Servers(root / "servers", args.s3) as servers:
             servers.command(f"rtt {args.rtt_ms}")
             settings = pipeline_settings(servers, root / "inbox", args.workers)
             ledger = JsonlLedger(settings.ledger.path)

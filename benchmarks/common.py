@@ -33,9 +33,9 @@ def machine() -> str:
 
 
 class Servers:
-    """moto S3 + the Tripo emulator + a counting S3 proxy, all in one child process."""
+    """moto/SeaweedFS S3 + the Tripo emulator + a counting S3 proxy, all in one child process."""
 
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, s3: str = "moto") -> None:
         state.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
@@ -46,6 +46,8 @@ class Servers:
                 API_KEY,
                 "--state",
                 str(state),
+                "--s3",
+                s3,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -78,7 +80,7 @@ class Servers:
         return data
 
     def cpu_seconds(self) -> float:
-        """CPU used so far by the server process and its moto child (live, via psutil)."""
+        """CPU used so far by the server process and its S3 child (live, via psutil)."""
         import psutil
 
         total = 0.0

@@ -1,4 +1,4 @@
-"""Out-of-process benchmark servers: moto S3, the Tripo emulator, a connection-counting S3 proxy."""
+"""Out-of-process benchmark servers: moto or SeaweedFS S3, the Tripo emulator, a counting proxy."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tripo_watchd.sandbox import S3Server, TripoEmulator
+from tripo_watchd.sandbox import LocalS3, S3Server, SeaweedS3Server, TripoEmulator
 
 
 class _ProxyServer(ThreadingHTTPServer):
@@ -153,8 +153,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--api-key", required=True)
     parser.add_argument("--state", type=Path, required=True)
+    parser.add_argument("--s3", choices=("moto", "seaweedfs"), default="moto")
     args = parser.parse_args()
-    with S3Server(args.state) as s3, TripoEmulator(s3, api_keys=[args.api_key]) as emulator:
+    server: LocalS3 = (
+        SeaweedS3Server(args.state) if args.s3 == "seaweedfs" else S3Server(args.state)
+    )
+    with server as s3, TripoEmulator(s3, api_keys=[args.api_key]) as emulator:
         proxy = CountingProxy(s3.port).start()
         info = {
             "api_base_url": emulator.base_url,

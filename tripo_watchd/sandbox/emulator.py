@@ -25,7 +25,7 @@ from botocore.auth import S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from tripo_watchd.sandbox.s3server import S3Server
+from tripo_watchd.sandbox.s3server import LocalS3
 from tripo_watchd.sandbox.service import Service
 
 FORMATS = ("webp", "jpeg", "png", "glb", "obj", "fbx", "stl")
@@ -167,11 +167,11 @@ def _fake_key(prefix: str, length: int, alphabet: str) -> str:
 
 
 class TripoEmulator(Service):
-    """The Tripo API on 127.0.0.1 over real HTTP, minting credentials on an `S3Server`."""
+    """The Tripo API on 127.0.0.1 over real HTTP, minting credentials on a local S3."""
 
     def __init__(
         self,
-        s3: S3Server,
+        s3: LocalS3,
         api_keys: Iterable[str] = ("tsk_sandbox",),
         s3_host: str = "s3.us-west-2.amazonaws.com",
         port: int = 0,

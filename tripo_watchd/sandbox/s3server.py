@@ -60,7 +60,93 @@ def upload_policy(bucket: str, key: str) -> str:
     )
 
 
-class S3Server(Service):
+class LocalS3(Service):
+    """A local S3 on 127.0.0.1 with an admin identity and a bucket: what the emulator, the tests
+    and the benchmarks use. Subclasses start the server and mint the per-key credentials."""
+
+    region: str = REGION
+    bucket: str = BUCKET
+    port: int = 0
+    admin_access_key: str = ""
+    admin_secret_key: str = ""
+    ca_bundle: Path | None = None
+    log_path: Path | None = None
+    _s3: Any = None
+
+    @property
+    def endpoint_url(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        raise NotImplementedError
+
+    def mint_credentials(
+        self, bucket: str, key: str, duration_seconds: int = 900
+    ) -> dict[str, str]:
+        """Temporary credentials that may write exactly `bucket/key` (a trailing `*`: a prefix)."""
+        raise NotImplementedError
+
+    def _client(
+        self,
+        service: str,
+        access_key: str,
+        secret_key: str,
+        session_token: str | None = None,
+    ) -> Any:
+        session: Any = boto3.session.Session()
+        return session.client(
+            service,
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            aws_session_token=session_token,
+            verify=str(self.ca_bundle) if self.ca_bundle else None,
+            config=Config(
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 2, "mode": "standard"},
+                max_pool_connections=32,
+            ),
+        )
+
+    def admin_client(self, service: str = "s3") -> Any:
+        """A fresh boto3 client for `service`, signed as the all-powerful `admin` user."""
+        return self._client(service, self.admin_access_key, self.admin_secret_key)
+
+    def client_for(self, credentials: dict[str, str], service: str = "s3") -> Any:
+        """A boto3 client signed with credentials as `mint_credentials` returns them."""
+        return self._client(
+            service,
+            credentials["AccessKeyId"],
+            credentials["SecretAccessKey"],
+            credentials.get("SessionToken"),
+        )
+
+    def put_bytes(
+        self, key: str, body: bytes, bucket: str | None = None, content_type: str | None = None
+    ) -> str:
+        """Store `body` at `key` as admin; returns the ETag."""
+        extra = {"ContentType": content_type} if content_type else {}
+        answer = self._s3.put_object(Bucket=bucket or self.bucket, Key=key, Body=body, **extra)
+        etag: str = answer["ETag"]
+        return etag
+
+    def object_bytes(self, key: str, bucket: str | None = None) -> bytes:
+        """The stored bytes of `key` (read as admin)."""
+        body: bytes = self._s3.get_object(Bucket=bucket or self.bucket, Key=key)["Body"].read()
+        return body
+
+    def list_keys(self, bucket: str | None = None) -> list[str]:
+        """Every key in the bucket, sorted."""
+        keys: list[str] = []
+        paginator = self._s3.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket or self.bucket):
+            keys.extend(obj["Key"] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+
+class S3Server(LocalS3):
     """moto's server as a subprocess on 127.0.0.1, with an `admin` user and bucket `tripo-data`."""
 
     def __init__(
@@ -178,42 +264,6 @@ class S3Server(Service):
             Bucket=self.bucket, CreateBucketConfiguration={"LocationConstraint": self.region}
         )
 
-    def _client(
-        self,
-        service: str,
-        access_key: str,
-        secret_key: str,
-        session_token: str | None = None,
-    ) -> Any:
-        session: Any = boto3.session.Session()
-        return session.client(
-            service,
-            endpoint_url=self.endpoint_url,
-            region_name=self.region,
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            aws_session_token=session_token,
-            verify=str(self.ca_bundle) if self.ca_bundle else None,
-            config=Config(
-                s3={"addressing_style": "path"},
-                retries={"max_attempts": 2, "mode": "standard"},
-                max_pool_connections=32,
-            ),
-        )
-
-    def admin_client(self, service: str = "s3") -> Any:
-        """A fresh boto3 client for `service`, signed as the all-powerful `admin` user."""
-        return self._client(service, self.admin_access_key, self.admin_secret_key)
-
-    def client_for(self, credentials: dict[str, str], service: str = "s3") -> Any:
-        """A boto3 client signed with credentials as `mint_credentials` returns them."""
-        return self._client(
-            service,
-            credentials["AccessKeyId"],
-            credentials["SecretAccessKey"],
-            credentials.get("SessionToken"),
-        )
-
     def mint_credentials(
         self, bucket: str, key: str, duration_seconds: int = 900
     ) -> dict[str, str]:
@@ -243,25 +293,3 @@ class S3Server(Service):
             "SecretAccessKey": creds["SecretAccessKey"],
             "SessionToken": creds["SessionToken"],
         }
-
-    def put_bytes(
-        self, key: str, body: bytes, bucket: str | None = None, content_type: str | None = None
-    ) -> str:
-        """Store `body` at `key` as admin; returns the ETag."""
-        extra = {"ContentType": content_type} if content_type else {}
-        answer = self._s3.put_object(Bucket=bucket or self.bucket, Key=key, Body=body, **extra)
-        etag: str = answer["ETag"]
-        return etag
-
-    def object_bytes(self, key: str, bucket: str | None = None) -> bytes:
-        """The stored bytes of `key` (read as admin)."""
-        body: bytes = self._s3.get_object(Bucket=bucket or self.bucket, Key=key)["Body"].read()
-        return body
-
-    def list_keys(self, bucket: str | None = None) -> list[str]:
-        """Every key in the bucket, sorted."""
-        keys: list[str] = []
-        paginator = self._s3.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket or self.bucket):
-            keys.extend(obj["Key"] for obj in page.get("Contents", []))
-        return sorted(keys)
