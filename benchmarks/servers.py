@@ -33,6 +33,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     """
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else each answer's body waits 40 ms for a delayed ACK
     server: _ProxyServer
 
     def setup(self) -> None:

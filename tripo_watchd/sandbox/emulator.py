@@ -530,6 +530,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle on, the body waits for the client's
+    # delayed ACK (40 ms on Linux) on every kept-alive request. Real API servers do not stall.
+    disable_nagle_algorithm = True
     server: _Server
     server_version = "TripoEmulator/1"
 
