@@ -386,7 +386,7 @@ def report(
     print(f"ledger: {uploaded} uploaded of {want} (plus profile files, if any)")
     total = sum(r.files for r in results.values())
     print(
-        f"server CPU (moto + emulator, separate process): {1000 * srv_cpu / total:.1f} ms/file "
+        f"server CPU (S3 + emulator, separate process): {1000 * srv_cpu / total:.1f} ms/file "
         f"— the ceiling on {os.cpu_count()} cores; client figures above exclude it"
     )
 
