@@ -196,14 +196,11 @@ def tight_loop(
     import resource
     import threading
 
-    import boto3
-    import botocore.session
     import requests
     from boto3.s3.transfer import TransferConfig
     from botocore.config import Config
-    from botocore.credentials import CredentialResolver
 
-    from benchmarks.bench_upload import TOKEN_PATH, _Provider, _Swappable
+    from benchmarks.bench_upload import TOKEN_PATH, swappable_client
     from benchmarks.common import API_KEY
 
     paths: queue.Queue[Path] = queue.Queue()
@@ -215,13 +212,9 @@ def tight_loop(
 
     def worker() -> None:
         session = requests.Session()
-        creds = _Swappable()
-        core = botocore.session.Session()
-        core.register_component("credential_provider", CredentialResolver([_Provider(creds)]))
-        client = boto3.Session(botocore_session=core).client(
-            "s3",
-            endpoint_url=servers.s3_proxy,
-            config=Config(
+        client, creds = swappable_client(
+            servers,
+            Config(
                 region_name=servers.region,
                 s3={"addressing_style": "path", "payload_signing_enabled": False},
                 max_pool_connections=5,

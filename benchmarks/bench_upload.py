@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import boto3
 import botocore.session
@@ -134,15 +135,22 @@ class _Provider(CredentialProvider):  # type: ignore[misc]
         return self._creds
 
 
-def tight_worker(servers: Servers) -> tuple[Callable[[Path], bool], Callable[[], None]]:
-    session = requests.Session()
+def swappable_client(servers: Servers, config: Config) -> tuple[Any, Credentials]:
+    """One boto3 S3 client on the proxy and the credentials it signs with, to swap per file."""
     creds = _Swappable()
     core = botocore.session.Session()
     core.register_component("credential_provider", CredentialResolver([_Provider(creds)]))
     client = boto3.Session(botocore_session=core).client(
-        "s3",
-        endpoint_url=servers.s3_proxy,
-        config=Config(
+        "s3", endpoint_url=servers.s3_proxy, config=config
+    )
+    return client, creds
+
+
+def tight_worker(servers: Servers) -> tuple[Callable[[Path], bool], Callable[[], None]]:
+    session = requests.Session()
+    client, creds = swappable_client(
+        servers,
+        Config(
             region_name=servers.region,
             s3={"addressing_style": "path"},
             request_checksum_calculation="when_required",
