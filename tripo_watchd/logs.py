@@ -69,13 +69,14 @@ LIBRARY_LOGGERS = (
 
 
 class _SecretValues:
-    """The registered secret values: pinned ones forever, the rest the most recent few thousand."""
+    """The registered secret values: pinned ones forever, the rest the most recent 128."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pinned: dict[str, None] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._snapshot: tuple[str, ...] = ()
+        self._stale = False
 
     def add(self, value: str, *, pinned: bool) -> None:
         if len(value) < MIN_SECRET_LENGTH:
@@ -89,11 +90,15 @@ class _SecretValues:
                 self._recent.move_to_end(value)
                 while len(self._recent) > MAX_RECENT_SECRETS:
                     self._recent.popitem(last=False)
-            # Longest first, so a secret that contains another is masked whole.
-            values = [*self._pinned, *self._recent]
-            self._snapshot = tuple(sorted(values, key=len, reverse=True))
+            self._stale = True  # a token registers three values; sort once, when next needed
 
     def values(self) -> tuple[str, ...]:
+        if self._stale:
+            with self._lock:
+                # Longest first, so a secret that contains another is masked whole.
+                values = [*self._pinned, *self._recent]
+                self._snapshot = tuple(sorted(values, key=len, reverse=True))
+                self._stale = False
         return self._snapshot
 
     def clear(self) -> None:
@@ -101,6 +106,7 @@ class _SecretValues:
             self._pinned.clear()
             self._recent.clear()
             self._snapshot = ()
+            self._stale = False
 
 
 _SECRETS = _SecretValues()
