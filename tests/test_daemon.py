@@ -229,6 +229,25 @@ def test_after_upload_move_never_overwrites(farm, tmp_path):
     assert (done / "a.png").read_bytes() == b"older file, must survive"
 
 
+def test_a_recorded_file_left_in_the_inbox_is_moved_at_the_next_start(farm, tmp_path):
+    """A file recorded but not yet moved when the daemon stopped is moved at the next start,
+    without a new token or record (as after a SIGKILL between the record and the move)."""
+    with farm.daemon():
+        (farm.inbox / "a.png").write_bytes(unique_png(11))
+        (farm.inbox / "empty.png").write_bytes(b"")
+        farm.wait_uploaded(1)
+        wait_for(lambda: len(farm.records("rejected")) == 1)
+    done, rejected = tmp_path / "done", tmp_path / "rejected"
+    farm.configure(
+        pipeline={"after_upload": "move", "done_dir": str(done), "rejected_dir": str(rejected)}
+    )
+    with farm.daemon() as daemon:
+        wait_for(lambda: (done / "a.png").exists() and (rejected / "empty.png").exists())
+        assert len(daemon.events("file.after_upload_resumed")) == 2
+    assert not (farm.inbox / "a.png").exists() and not (farm.inbox / "empty.png").exists()
+    assert farm.grants() == 1 and len(farm.records()) == 2
+
+
 def test_after_upload_delete_removes_the_file(farm):
     """after_upload = delete removes the file once its upload is recorded."""
     farm.configure(pipeline={"after_upload": "delete"})

@@ -21,6 +21,7 @@ from tripo_watchd.logs import register_secret
 from tripo_watchd.metrics import Metrics, MetricsServer, MetricsSink, NullMetrics, outcome_of
 from tripo_watchd.notify import Notifier
 from tripo_watchd.pipeline import Pipeline
+from tripo_watchd.placement import Placement
 from tripo_watchd.protocols import UploadProtocol
 from tripo_watchd.protocols.registry import make_protocol
 from tripo_watchd.records import Record, utc_now
@@ -100,6 +101,7 @@ class Daemon:
         self._queue: queue.Queue[Path] = queue.Queue(maxsize=max(8, settings.workers.count * 4))
         self._lock = threading.Lock()
         self._in_flight: set[Path] = set()
+        self._leftovers_tried: set[Path] = set()
         self._busy = 0
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -216,7 +218,36 @@ class Daemon:
         with self._lock:
             if path in self._in_flight:
                 return True
-        return self._ledger.is_done(str(path), st.st_size, st.st_mtime_ns)
+        if not self._ledger.is_done(str(path), st.st_size, st.st_mtime_ns):
+            return False
+        self._place_leftover(path)
+        return True
+
+    def _place_leftover(self, path: Path) -> None:
+        """Finish the move or delete of a recorded file that is still in its folder.
+
+        That happens when the daemon stopped between a file's record and its after-upload step
+        (SIGKILL, power loss); each such path is tried once per run, so a move that keeps
+        failing is not retried at every rescan.
+        """
+        placement = Placement(self.settings.pipeline, self._roots())
+        if self._dry_run or not placement.moves_files:
+            return
+        with self._lock:
+            if path in self._leftovers_tried:
+                return
+            self._leftovers_tried.add(path)
+        last = self._ledger.last_for_path(str(path))
+        if last is None or last.status not in ("uploaded", "rejected"):
+            return
+        log.info("file.after_upload_resumed", path=str(path), status=last.status)
+        if last.status == "uploaded":
+            placement.uploaded(path)
+        else:
+            placement.rejected(path)
+
+    def _roots(self) -> tuple[Path, ...]:
+        return tuple(root.resolve() for root in self.settings.watch.paths)
 
     # -- workers -----------------------------------------------------------------------------
 

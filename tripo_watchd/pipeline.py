@@ -30,7 +30,7 @@ from tripo_watchd.errors import (
 from tripo_watchd.formats import Accepted, inspect, precheck
 from tripo_watchd.ledger import LedgerBackend
 from tripo_watchd.metrics import MetricsSink, NullMetrics
-from tripo_watchd.placement import move_into
+from tripo_watchd.placement import Placement
 from tripo_watchd.protocols import Body, Destination, UploadProtocol
 from tripo_watchd.records import Record, utc_now
 from tripo_watchd.settings import Settings
@@ -100,6 +100,7 @@ class Pipeline:
         self._ledger = ledger
         self._protocol = protocol
         self._roots = tuple(root.resolve() for root in roots)
+        self._placement = Placement(settings.pipeline, self._roots)
         self._dry_run = dry_run
         self._stop = stop or threading.Event()
         self._sleep: Callable[[float], object] = sleep or self._stop.wait
@@ -352,33 +353,13 @@ class Pipeline:
         return record
 
     def _finish(self, path: Path, record: Record) -> Record:
-        choice = "keep" if self._dry_run else self._settings.pipeline.after_upload
-        try:
-            if choice == "delete":
-                path.unlink(missing_ok=True)
-            elif choice == "move" and self._settings.pipeline.done_dir is not None:
-                moved = move_into(path, self._settings.pipeline.done_dir, self._relative(path))
-                log.info("file.moved", path=str(path), to=str(moved))
-        except OSError as exc:
-            log.error("file.after_upload_failed", path=str(path), action=choice, reason=str(exc))
+        if not self._dry_run:
+            self._placement.uploaded(path)
         return record
 
     def _place_rejected(self, path: Path) -> None:
-        """Move a rejected file into `pipeline.rejected_dir`, if one is configured."""
-        folder = self._settings.pipeline.rejected_dir
-        if folder is None or self._dry_run or not path.exists():
-            return
-        try:
-            moved = move_into(path, folder, self._relative(path))
-            log.info("file.moved", path=str(path), to=str(moved))
-        except OSError as exc:
-            log.error("file.move_rejected_failed", path=str(path), reason=str(exc))
-
-    def _relative(self, path: Path) -> Path | None:
-        for root in self._roots:
-            if path.is_relative_to(root):
-                return path.relative_to(root)
-        return None
+        if not self._dry_run:
+            self._placement.rejected(path)
 
 
 def _sha256_of(stream: Any) -> str:
