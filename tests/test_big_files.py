@@ -18,6 +18,7 @@ from tripo_watchd.config import load_settings
 from tripo_watchd.digest import StreamDigest
 from tripo_watchd.ledger import JsonlLedger
 from tripo_watchd.pipeline import Pipeline
+from tripo_watchd.protocols import s3_sender
 from tripo_watchd.protocols.registry import make_protocol
 from tripo_watchd.protocols.s3_sender import open_for_upload
 from tripo_watchd.sandbox import Fault, S3Server, TripoEmulator
@@ -188,6 +189,24 @@ def test_big_file_is_hashed_while_sent_unless_an_upload_of_its_size_is_known(
         assert second.duplicate_of == str(path if dedupe == "content" else again)
         assert len(data) <= read < 1.25 * len(data)
         assert rig.emulator.token_count() == 2
+
+
+def test_without_proc_a_big_file_is_streamed_in_order_and_still_hashed(rig, s3_server, monkeypatch):
+    """Where /proc/self/fd is missing, a big file goes up from one stream and its sha256 holds."""
+    monkeypatch.setattr(s3_sender, "_PROC_FD", rig.tmp / "no-proc")
+    rig.configure(s3={"progress_log_seconds": 0.01})
+    settings = load_settings(rig.config)
+    ledger = JsonlLedger(settings.ledger.path)
+    protocol = make_protocol(settings, lambda: Secret(rig.api_key))
+    data = random_glb(12 * MiB, seed=7)
+    try:
+        record = Pipeline(settings, ledger, protocol).process(rig.put("big.glb", data))
+    finally:
+        protocol.close()
+        ledger.close()
+    assert record.status == "uploaded"
+    assert record.sha256 == hashlib.sha256(data).hexdigest()
+    assert s3_server.object_bytes(record.key) == data
 
 
 def test_big_file_is_streamed_from_disk_not_held_in_memory(rig, s3_server):
