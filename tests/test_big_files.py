@@ -106,6 +106,26 @@ def test_digest_under_a_throttled_reader_with_a_signing_pass() -> None:
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
+def test_digest_alongside_hashes_the_file_from_its_descriptor(tmp_path) -> None:
+    """A digest fed by its side thread equals hashlib's; a file shorter than signed gives None."""
+    data = random_glb(3 * MiB + 17, seed=8)
+    path = tmp_path / "f.glb"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        digest = StreamDigest(len(data))
+        digest.reader(io.BytesIO(data)).read(MiB)  # an earlier attempt hashed the first MiB
+        with digest.alongside(fd):
+            pass
+        short = StreamDigest(len(data) + 1)
+        with short.alongside(fd):
+            pass
+    finally:
+        os.close(fd)
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert short.hexdigest() is None
+
+
 # -- the pipeline against the emulator and moto ------------------------------------------------
 
 

@@ -48,7 +48,10 @@ class StreamDigest:
         with self._lock:
             position = self._hashed
         while position < self.size and not stop.is_set():
-            data = os.pread(fd, min(chunk, self.size - position), position)
+            try:
+                data = os.pread(fd, min(chunk, self.size - position), position)
+            except OSError:
+                return  # an I/O error: incomplete, so None (the pipeline hashes it again)
             if not data:
                 return  # shorter than signed: the digest stays incomplete, so None
             self.feed(position, data)
