@@ -43,8 +43,8 @@ _REGION_IN_HOST = re.compile(
     r"^s3[.-](?:dualstack\.)?([a-z]{2}(?:-gov)?-[a-z]+-\d)\.amazonaws\.com"
 )
 _EXPIRED_CODES = {"ExpiredToken", "InvalidAccessKeyId", "InvalidToken", "TokenRefreshRequired"}
-_PROC_FD = Path("/proc/self/fd")
 _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "NoSuchBucket", "InvalidBucketName"}
+_PROC_FD = Path("/proc/self/fd")  # Linux: a name for an open descriptor, reopenable per part
 
 
 @dataclass(frozen=True)
