@@ -467,6 +467,32 @@ def test_hooks_get_the_exact_record_and_never_block_or_lose_uploads(site: Site) 
     )
 
 
+def test_sighup_applies_new_hooks_and_moves_the_metrics_endpoint(site: Site) -> None:
+    """After SIGHUP a new on_uploaded hook runs for the next file, and /metrics moves to the
+    new address with its counts kept; the old address is closed."""
+    out = site.tmp / "hook-out"
+    out.mkdir()
+    first_port, second_port = free_port(), free_port()
+    site.configure(metrics={"listen": f"127.0.0.1:{first_port}"})
+    with site.daemon() as daemon:
+        wait_for(lambda: daemon.events("metrics.listening"))
+        (site.inbox / "before.png").write_bytes(unique_png(700))
+        site.wait_uploaded(1)
+        site.configure(
+            metrics={"listen": f"127.0.0.1:{second_port}"},
+            hooks={"on_uploaded": [sys.executable, "-c", HOOK, str(out)]},
+        )
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: daemon.events("config.reloaded"))
+        (site.inbox / "after.png").write_bytes(unique_png(701))
+        wait_for(lambda: (out / "after.png.json").exists())
+        url = f"http://127.0.0.1:{second_port}/metrics"
+        wait_for(lambda: scrape(url)[("tripo_watchd_files_total", (("outcome", "uploaded"),))] == 2)
+        with pytest.raises(OSError):
+            scrape(f"http://127.0.0.1:{first_port}/metrics")
+    assert not (out / "before.png.json").exists()
+
+
 # -- 7. bandwidth cap ---------------------------------------------------------------------------
 
 

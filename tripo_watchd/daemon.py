@@ -27,7 +27,7 @@ from tripo_watchd.protocols.registry import make_protocol
 from tripo_watchd.records import Record, utc_now
 from tripo_watchd.retry import queue_failed_again
 from tripo_watchd.secrets import Secret
-from tripo_watchd.settings import Settings
+from tripo_watchd.settings import HookSettings, MetricsSettings, Settings
 from tripo_watchd.watcher import Watcher
 
 log = structlog.get_logger(__name__)
@@ -114,10 +114,7 @@ class Daemon:
         self._workers: list[threading.Thread] = []
         self._generation = 0
         self._watcher: Watcher | None = None
-        hooks = settings.hooks
-        self._hooks = HookRunner(
-            hooks.on_uploaded, hooks.on_rejected, hooks.timeout_seconds, hooks.max_workers
-        )
+        self._hooks = _hook_runner(settings.hooks)
         self._metrics: MetricsSink = Metrics() if settings.metrics.listen else NullMetrics()
         self._metrics_server: MetricsServer | None = None
 
@@ -390,7 +387,10 @@ class Daemon:
             log.warning("config.reload_ledger_unchanged", reason="ledger.path needs a restart")
             new = _with_ledger(new, self.settings)
         old_watcher = self._watcher
+        old = self.settings
         self.settings = new
+        self._reload_hooks(old.hooks, new.hooks)
+        self._reload_metrics(old.metrics, new.metrics)
         if old_watcher is not None:
             old_watcher.stop()
         self._start_generation()  # old workers finish their current file and leave
@@ -398,6 +398,33 @@ class Daemon:
         log.info("config.reloaded", roots=[str(p) for p in new.watch.paths])
         self._write_status()
         self._notifier.ready(self._status_line())
+
+    def _reload_hooks(self, old: HookSettings, new: HookSettings) -> None:
+        """New hook commands apply to the next outcome; hooks already running may finish."""
+        if new == old:
+            return
+        retired, self._hooks = self._hooks, _hook_runner(new)
+        threading.Thread(
+            target=retired.close, kwargs={"wait": 10}, name="hooks-retired", daemon=True
+        ).start()
+        log.info(
+            "hooks.reloaded", on_uploaded=bool(new.on_uploaded), on_rejected=bool(new.on_rejected)
+        )
+
+    def _reload_metrics(self, old: MetricsSettings, new: MetricsSettings) -> None:
+        """Serve /metrics where `[metrics]` now says (counters kept), or stop serving it."""
+        if new == old:
+            return
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+            self._metrics_server = None
+        if not new.listen:
+            self._metrics = NullMetrics()
+            return
+        if not isinstance(self._metrics, Metrics):
+            self._metrics = Metrics()
+            self._metrics.set_auth(not self._key_refused)
+        self._serve_metrics()
 
     def _do_retry_failed(self) -> None:
         count = queue_failed_again(self._ledger)
@@ -470,6 +497,12 @@ class Daemon:
             os.replace(tmp, path)
         except OSError as exc:
             log.debug("status.write_failed", reason=str(exc))
+
+
+def _hook_runner(hooks: HookSettings) -> HookRunner:
+    return HookRunner(
+        hooks.on_uploaded, hooks.on_rejected, hooks.timeout_seconds, hooks.max_workers
+    )
 
 
 def _with_ledger(new: Settings, old: Settings) -> Settings:
