@@ -102,6 +102,7 @@ class Daemon:
         self._lock = threading.Lock()
         self._in_flight: set[Path] = set()
         self._leftovers_tried: set[Path] = set()
+        self._placement = Placement(settings.pipeline)
         self._busy = 0
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -227,9 +228,9 @@ class Daemon:
         (SIGKILL, power loss); each such path is tried once per run, so a move that keeps
         failing is not retried at every rescan.
         """
-        placement = Placement(self.settings.pipeline, self._roots())
+        placement = self._placement
         if self._dry_run or not placement.moves_files:
-            return
+            return  # the common case, taken for every known file of a catch-up scan
         with self._lock:
             if path in self._leftovers_tried:
                 return
@@ -243,14 +244,13 @@ class Daemon:
         else:
             placement.rejected(path)
 
-    def _roots(self) -> tuple[Path, ...]:
-        return tuple(root.resolve() for root in self.settings.watch.paths)
-
     # -- workers -----------------------------------------------------------------------------
 
     def _start_generation(self) -> None:
         self._generation += 1
         generation = self._generation
+        roots = tuple(root.resolve() for root in self.settings.watch.paths)
+        self._placement = Placement(self.settings.pipeline, roots)
         self._watcher = Watcher(self.settings.watch, self._offer, is_known=self._is_known)
         self._workers = [
             threading.Thread(
