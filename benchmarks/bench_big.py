@@ -98,21 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             s5cmd = s5cmd_binary()
 
             def ours(path: Path) -> None:
-                measure(
-                    "tripo-watchd upload",
-                    [
-                        sys.executable,
-                        "-m",
-                        "tripo_watchd.cli",
-                        "--log-format",
-                        "json",
-                        "upload",
-                        "--config",
-                        str(config),
-                        str(path),
-                    ],
-                    daemon_env(),
-                )
+                measure("tripo-watchd upload", upload_argv(config, path), daemon_env())
 
             def aws(label: str, checksums: str, signed: bool = True) -> Callable[[Path], None]:
                 def run(path: Path) -> None:
@@ -189,21 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 path.unlink()
             tiny = write_big_glb(root / "tiny" / "tiny.glb", 4096)
             for name, argv in (
-                (
-                    "tripo-watchd",
-                    [
-                        sys.executable,
-                        "-m",
-                        "tripo_watchd.cli",
-                        "--log-format",
-                        "json",
-                        "upload",
-                        "--dry-run",
-                        "--config",
-                        str(config),
-                        str(tiny),
-                    ],
-                ),
+                ("tripo-watchd", upload_argv(config, tiny, "--dry-run")),
                 ("aws", [sys.executable, "-m", "awscli", "--version"]),
             ):
                 extras[f"start {name}"] = statistics.median(
@@ -211,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
     report(runs, size, args, extras)
     return 0
+
+
+def upload_argv(config: Path, path: Path, *flags: str) -> list[str]:
+    """`tripo-watchd upload` of one file, JSON logs, as a subprocess command line."""
+    cli = [sys.executable, "-m", "tripo_watchd.cli", "--log-format", "json", "upload"]
+    return [*cli, *flags, "--config", str(config), str(path)]
 
 
 def sha256_seconds(path: Path) -> float:

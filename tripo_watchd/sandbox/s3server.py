@@ -72,6 +72,7 @@ class LocalS3(Service):
     ca_bundle: Path | None = None
     log_path: Path | None = None
     _s3: Any = None
+    _proc: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint_url(self) -> str:
@@ -79,13 +80,19 @@ class LocalS3(Service):
 
     @property
     def running(self) -> bool:
-        raise NotImplementedError
+        return self._proc is not None and self._proc.poll() is None
 
     def mint_credentials(
         self, bucket: str, key: str, duration_seconds: int = 900
     ) -> dict[str, str]:
         """Temporary credentials that may write exactly `bucket/key` (a trailing `*`: a prefix)."""
         raise NotImplementedError
+
+    @staticmethod
+    def _credentials(answer: dict[str, Any]) -> dict[str, str]:
+        """The three fields of an AssumeRole answer's `Credentials` that a client signs with."""
+        creds = answer["Credentials"]
+        return {key: creds[key] for key in ("AccessKeyId", "SecretAccessKey", "SessionToken")}
 
     def _client(
         self,
@@ -185,10 +192,6 @@ class S3Server(LocalS3):
         scheme = "https" if self.tls_cert else "http"
         return f"{scheme}://127.0.0.1:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def start(self) -> S3Server:
         """Start moto, wait until it listens, then create the admin user and the bucket."""
         if self._proc is not None:
@@ -282,14 +285,10 @@ class S3Server(LocalS3):
             self._iam.put_role_policy(
                 RoleName=role_name, PolicyName="upload-one-key", PolicyDocument=policy
             )
-            creds = self._sts.assume_role(
+            answer = self._sts.assume_role(
                 RoleArn=role["Arn"],
                 RoleSessionName="tripo-upload",
                 Policy=policy,
                 DurationSeconds=duration_seconds,
-            )["Credentials"]
-        return {
-            "AccessKeyId": creds["AccessKeyId"],
-            "SecretAccessKey": creds["SecretAccessKey"],
-            "SessionToken": creds["SessionToken"],
-        }
+            )
+        return self._credentials(answer)

@@ -117,10 +117,6 @@ class SeaweedS3Server(LocalS3):
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def start(self) -> SeaweedS3Server:
         """Start `weed mini` in a fresh temp dir and wait until bucket `tripo-data` answers."""
         if self._proc is not None:
@@ -229,14 +225,10 @@ class SeaweedS3Server(LocalS3):
         One AssumeRole whose session policy names the key; SeaweedFS checks every request
         against it. `duration_seconds` must be 900..43200.
         """
-        creds = self._sts.assume_role(
+        answer = self._sts.assume_role(
             RoleArn=ROLE_ARN,
             RoleSessionName="tripo-upload",
             Policy=upload_policy(bucket, key),
             DurationSeconds=duration_seconds,
-        )["Credentials"]
-        return {
-            "AccessKeyId": creds["AccessKeyId"],
-            "SecretAccessKey": creds["SecretAccessKey"],
-            "SessionToken": creds["SessionToken"],
-        }
+        )
+        return self._credentials(answer)
